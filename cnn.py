@@ -1,0 +1,1729 @@
+"""A convolutional neural network in pure NumPy, in one file you can read top to bottom.
+
+Sections, in order:
+  1. layers        Conv2D, MaxPool2D (each with a textbook "loop" and a vectorized
+                   "fast" path), ReLU, GELU, Flatten, Dense, BatchNorm2D,
+                   GlobalMaxPool2D, Scale
+  2. loss          SoftmaxCrossEntropy (optional label smoothing)
+  3. optimizers    SGD (momentum, Nesterov, weight decay), Adam, learning-rate schedules
+  4. model         Sequential: forward, backward, train/eval, summary, save/load;
+                   numerical_gradient for checking any of the above
+  5. data          IDX (MNIST) and CIFAR-10 readers, a checked downloader,
+                   streaming mini-batches with augmentation
+  6. training      the training loop shared by the train_*.py scripts
+  7. metrics       accuracy, confusion matrix, macro F1
+  8. drawing       learning curves, confusion matrices and mistake grids (Pillow)
+  9. command line  the scripts' shared options and `python cnn.py bench`
+
+Arrays are NCHW, (N, C, H, W), float32 unless the parameters are float64.  The
+fast layers keep their outputs in channels-last *memory* (an NHWC buffer seen
+through a transposed NCHW view): the shapes you see are NCHW, but the next
+convolution or pooling layer can read the buffer as contiguous NHWC without a copy.
+
+Only the standard library and NumPy are imported here; Pillow is imported inside
+the drawing code, so copying this single file into another project just works.
+"""
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+# ======================================================================================
+# 1. Layers
+# ======================================================================================
+
+
+def nhwc(x):
+    """(N, C, H, W) array in any memory order -> contiguous (N, H, W, C).
+
+    Free (no copy) when x is the NCHW view of a channels-last buffer, which is what
+    every fast layer here returns."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def nchw_view(x):
+    """Contiguous (N, H, W, C) -> the (N, C, H, W) view of the same memory."""
+    return x.transpose(0, 3, 1, 2)
+
+
+def check_input(layer, x, channels=None, ndim=4):
+    """Raise a ValueError naming the layer, the expected and the received shape."""
+    if x.ndim != ndim or (channels is not None and x.shape[1] != channels):
+        want = {4: "(N, {}, H, W)", 2: "(N, {})"}[ndim].format(channels if channels else "C")
+        raise ValueError(f"{layer!r}: expected input of shape {want}, got {tuple(x.shape)}")
+
+
+class Layer:
+    """What every layer has: params and grads (dicts with the same keys), a
+    `training` flag, and forward/backward.  In evaluation mode layers do not keep
+    what backward would need, so inference runs in larger batches."""
+    training = True
+    buffer_names = ()  # arrays saved with the model that are not trained (running stats)
+
+    def __init__(self):
+        self.params, self.grads = {}, {}
+
+    def __call__(self, x):
+        return self.forward(x)
+
+
+class Conv2D(Layer):
+    """2-D cross-correlation, as in PyTorch:
+
+        y[n, f, i, j] = b[f] + sum_{c, u, v} W[f, c, u, v] * xpad[n, c, i*s + u, j*s + v]
+
+    impl="loop" computes exactly that with Python loops (for reading); impl="fast"
+    turns it into one matrix multiply (see `_forward_fast`)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 impl="fast", bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        if impl not in ("fast", "loop"):
+            raise ValueError(f"Conv2D: impl must be 'fast' or 'loop', got {impl!r}")
+        kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kh, self.kw, self.stride, self.padding, self.impl = kh, kw, stride, padding, impl
+        rng = np.random.default_rng() if rng is None else rng
+        # He initialisation: keeps the variance of activations steady through ReLUs.
+        fan_in = in_channels * kh * kw
+        self.params["W"] = (rng.standard_normal((out_channels, in_channels, kh, kw))
+                            * math.sqrt(2.0 / fan_in)).astype(dtype)
+        if bias:
+            self.params["b"] = np.zeros(out_channels, dtype)
+        self.trainable = True  # False: fixed weights (no weight gradient, no update)
+
+    def __repr__(self):
+        return (f"Conv2D({self.in_channels}, {self.out_channels}, ({self.kh}, {self.kw}), "
+                f"stride={self.stride}, padding={self.padding})")
+
+    def output_size(self, h, w):
+        p, s = self.padding, self.stride
+        return (h + 2 * p - self.kh) // s + 1, (w + 2 * p - self.kw) // s + 1
+
+    def forward(self, x):
+        check_input(self, x, self.in_channels)
+        ho, wo = self.output_size(*x.shape[2:])
+        if ho < 1 or wo < 1:
+            raise ValueError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel")
+        return self._forward_loop(x) if self.impl == "loop" else self._forward_fast(x)
+
+    def backward(self, grad_out, input_grad=True):
+        """grad_out: (N, F, Ho, Wo).  input_grad=False skips dL/dx (the first layer's
+        is never used) and returns None."""
+        if self.impl == "loop":
+            return self._backward_loop(grad_out, input_grad)
+        return self._backward_fast(grad_out, input_grad)
+
+    # -- textbook version -------------------------------------------------------------
+    def _pad(self, x):
+        p = self.padding
+        return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+
+    def _forward_loop(self, x):
+        W, s = self.params["W"], self.stride
+        b = self.params.get("b", np.zeros(self.out_channels, W.dtype))
+        xp = self._pad(x)                                          # xp: (N, C, H+2p, W+2p)
+        n_, f_ = x.shape[0], self.out_channels
+        ho, wo = self.output_size(*x.shape[2:])
+        y = np.zeros((n_, f_, ho, wo), np.result_type(x, W))       # y: (N, F, Ho, Wo)
+        for n in range(n_):
+            for f in range(f_):
+                for i in range(ho):
+                    for j in range(wo):
+                        window = xp[n, :, i * s:i * s + self.kh, j * s:j * s + self.kw]
+                        y[n, f, i, j] = np.sum(W[f] * window) + b[f]
+        self.x = x
+        return y
+
+    def _backward_loop(self, grad_out, input_grad):
+        W, s, p = self.params["W"], self.stride, self.padding
+        xp = self._pad(self.x)
+        dxp = np.zeros_like(xp)                                    # dxp: (N, C, H+2p, W+2p)
+        dW = np.zeros_like(W)                                      # dW: (F, C, kh, kw)
+        db = np.zeros(self.out_channels, W.dtype)
+        n_, f_, ho, wo = grad_out.shape
+        for n in range(n_):
+            for f in range(f_):
+                for i in range(ho):
+                    for j in range(wo):
+                        g = grad_out[n, f, i, j]
+                        rows, cols = slice(i * s, i * s + self.kh), slice(j * s, j * s + self.kw)
+                        # y[n,f,i,j] touched W[f] and this window: each gets g times the other.
+                        dW[f] += g * xp[n, :, rows, cols]
+                        dxp[n, :, rows, cols] += g * W[f]
+                        db[f] += g
+        self._set_grads(dW, db)
+        if not input_grad:
+            return None
+        h, w = self.x.shape[2:]
+        return dxp[:, :, p:p + h, p:p + w]
+
+    def _set_grads(self, dW, db):
+        if self.trainable:
+            self.grads["W"] = dW
+            if "b" in self.params:
+                self.grads["b"] = db
+
+    # -- vectorized version -----------------------------------------------------------
+    def _forward_fast(self, x):
+        """im2col + one matrix multiply, channels-last.
+
+        With x in NHWC memory, the kh*kw shifted (strided) slices of the padded input
+        are copied side by side into `cols`, a (N*Ho*Wo, kh*kw*C) matrix whose row r
+        holds the receptive field of output pixel r, channels innermost, so each copy
+        moves contiguous runs of C numbers.  Then y = cols @ Wmat with Wmat of shape
+        (kh*kw*C, F): one large matrix multiply that BLAS runs near the machine's peak
+        on both cores, and whose (N*Ho*Wo, F) result already is the NHWC output."""
+        W, s, p = self.params["W"], self.stride, self.padding
+        n, _, h, w = x.shape
+        ho, wo = self.output_size(h, w)
+        c, dtype = self.in_channels, np.result_type(x, W)
+        xh = nhwc(x)                                               # xh: (N, H, W, C)
+        if p:
+            xpad = np.zeros((n, h + 2 * p, w + 2 * p, c), dtype)   # xpad: (N, H+2p, W+2p, C)
+            xpad[:, p:p + h, p:p + w] = xh
+        else:
+            xpad = xh
+        cols = np.empty((n, ho, wo, self.kh, self.kw, c), dtype)   # cols: (N, Ho, Wo, kh, kw, C)
+        for u in range(self.kh):
+            for v in range(self.kw):
+                cols[:, :, :, u, v] = xpad[:, u:u + s * ho:s, v:v + s * wo:s]
+        cols = cols.reshape(n * ho * wo, -1)                       # cols: (N*Ho*Wo, kh*kw*C)
+        wmat = W.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)  # wmat: (kh*kw*C, F)
+        y = cols @ wmat                                            # y: (N*Ho*Wo, F)
+        if "b" in self.params:
+            y += self.params["b"]
+        if self.training:
+            self.cols, self.x_shape = cols, x.shape
+        return nchw_view(y.reshape(n, ho, wo, self.out_channels))
+
+    def _backward_fast(self, grad_out, input_grad):
+        """The forward matrix multiply run backwards: dWmat = cols^T @ g and
+        dcols = g @ Wmat^T; col2im then adds each of the kh*kw column blocks back onto
+        its shifted slice of the input (kh*kw vectorized adds, no per-pixel loop)."""
+        W, s, p = self.params["W"], self.stride, self.padding
+        n, c, h, w = self.x_shape
+        g = nhwc(grad_out)                                         # g: (N, Ho, Wo, F)
+        ho, wo = g.shape[1:3]
+        g = g.reshape(-1, self.out_channels)                       # g: (N*Ho*Wo, F)
+        if self.trainable:
+            dwmat = self.cols.T @ g                                # dwmat: (kh*kw*C, F)
+            self._set_grads(dwmat.reshape(self.kh, self.kw, c, -1).transpose(3, 2, 0, 1),
+                            g.sum(axis=0))
+        if not input_grad:
+            return None
+        wmat = W.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
+        dcols = (g @ wmat.T).reshape(n, ho, wo, self.kh, self.kw, c)
+        dxpad = np.zeros((n, h + 2 * p, w + 2 * p, c), dcols.dtype)  # dxpad: (N, H+2p, W+2p, C)
+        for u in range(self.kh):
+            for v in range(self.kw):
+                dxpad[:, u:u + s * ho:s, v:v + s * wo:s] += dcols[:, :, :, u, v]
+        return nchw_view(dxpad[:, p:p + h, p:p + w])
+
+
+class MaxPool2D(Layer):
+    """Max over each kernel_size x kernel_size window (stride defaults to the kernel).
+    The gradient goes to the first maximum of each window (row-major order, as in
+    PyTorch) and is accumulated where windows overlap."""
+
+    def __init__(self, kernel_size=2, stride=None, impl="fast"):
+        super().__init__()
+        if impl not in ("fast", "loop"):
+            raise ValueError(f"MaxPool2D: impl must be 'fast' or 'loop', got {impl!r}")
+        self.k, self.stride, self.impl = kernel_size, stride or kernel_size, impl
+
+    def __repr__(self):
+        return f"MaxPool2D({self.k}, stride={self.stride})"
+
+    def output_size(self, h, w):
+        return (h - self.k) // self.stride + 1, (w - self.k) // self.stride + 1
+
+    def forward(self, x):
+        check_input(self, x)
+        if min(x.shape[2:]) < self.k:
+            raise ValueError(f"{self!r}: input {tuple(x.shape)} is smaller than the window")
+        return self._forward_loop(x) if self.impl == "loop" else self._forward_fast(x)
+
+    def backward(self, grad_out):
+        if self.impl == "loop":
+            return self._backward_loop(grad_out)
+        return self._backward_fast(grad_out)
+
+    def _forward_loop(self, x):
+        k, s = self.k, self.stride
+        n_, c_ = x.shape[:2]
+        ho, wo = self.output_size(*x.shape[2:])
+        y = np.empty((n_, c_, ho, wo), x.dtype)
+        self.argmax = np.empty((n_, c_, ho, wo), np.int64)        # flat index in the window
+        for n in range(n_):
+            for c in range(c_):
+                for i in range(ho):
+                    for j in range(wo):
+                        window = x[n, c, i * s:i * s + k, j * s:j * s + k]
+                        self.argmax[n, c, i, j] = np.argmax(window)   # first maximum
+                        y[n, c, i, j] = window.flat[self.argmax[n, c, i, j]]
+        self.x_shape = x.shape
+        return y
+
+    def _backward_loop(self, grad_out):
+        k, s = self.k, self.stride
+        dx = np.zeros(self.x_shape, grad_out.dtype)
+        n_, c_, ho, wo = grad_out.shape
+        for n in range(n_):
+            for c in range(c_):
+                for i in range(ho):
+                    for j in range(wo):
+                        u, v = divmod(self.argmax[n, c, i, j], k)
+                        dx[n, c, i * s + u, j * s + v] += grad_out[n, c, i, j]
+        return dx
+
+    def _window_slices(self, ho, wo):
+        """The k*k strided slices of the input: slice (u, v) holds, for every output
+        pixel, the window element at offset (u, v).  Max pooling is then k*k
+        elementwise maxima over whole arrays, for any kernel, stride or size."""
+        s = self.stride
+        for u in range(self.k):
+            for v in range(self.k):
+                yield (slice(None), slice(u, u + s * ho, s), slice(v, v + s * wo, s))
+
+    def _forward_fast(self, x):
+        xh = nhwc(x)                                               # xh: (N, H, W, C)
+        ho, wo = self.output_size(*xh.shape[1:3])
+        slices = list(self._window_slices(ho, wo))
+        y = xh[slices[0]].copy()                                   # y: (N, Ho, Wo, C)
+        for sl in slices[1:]:
+            np.maximum(y, xh[sl], out=y)
+        if self.training:
+            self.xh, self.y = xh, y
+        return nchw_view(y)
+
+    def _backward_fast(self, grad_out):
+        g = nhwc(grad_out)                                         # g: (N, Ho, Wo, C)
+        dx = np.zeros(self.xh.shape, g.dtype)                      # dx: (N, H, W, C)
+        taken = np.zeros(g.shape, bool)  # windows whose first maximum was already found
+        for sl in self._window_slices(*g.shape[1:3]):
+            first = self.xh[sl] == self.y
+            first &= ~taken
+            taken |= first
+            dx[sl] += g * first
+        return nchw_view(dx)
+
+
+class GlobalMaxPool2D(Layer):
+    """(N, C, H, W) -> (N, C): the largest value of each channel; its gradient goes
+    to the first maximum."""
+
+    def __repr__(self):
+        return "GlobalMaxPool2D()"
+
+    def forward(self, x):
+        check_input(self, x)
+        xh = nhwc(x)
+        flat = xh.reshape(xh.shape[0], -1, xh.shape[3])            # flat: (N, H*W, C)
+        idx = flat.argmax(axis=1)[:, None, :]                       # idx: (N, 1, C)
+        if self.training:
+            self.idx, self.xh_shape = idx, xh.shape
+        return np.take_along_axis(flat, idx, axis=1)[:, 0, :]
+
+    def backward(self, grad_out):
+        n, h, w, c = self.xh_shape
+        dflat = np.zeros((n, h * w, c), grad_out.dtype)
+        np.put_along_axis(dflat, self.idx, grad_out[:, None, :], axis=1)
+        return nchw_view(dflat.reshape(n, h, w, c))
+
+
+class ReLU(Layer):
+    def __repr__(self):
+        return "ReLU()"
+
+    def forward(self, x):
+        y = np.maximum(x, 0)  # keeps x's memory layout (NumPy's order="K")
+        if self.training:
+            self.y = y
+        return y
+
+    def backward(self, grad_out):
+        return grad_out * (self.y > 0)
+
+
+class GELU(Layer):
+    """GELU, tanh approximation: y = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))."""
+    C = math.sqrt(2.0 / math.pi)
+
+    def __repr__(self):
+        return "GELU()"
+
+    def forward(self, x):
+        t = np.tanh(self.C * (x + 0.044715 * x ** 3))
+        if self.training:
+            self.x, self.t = x, t
+        return 0.5 * x * (1 + t)
+
+    def backward(self, grad_out):
+        x, t = self.x, self.t
+        dt_dx = self.C * (1 + 3 * 0.044715 * x * x) * (1 - t * t)
+        return grad_out * (0.5 * (1 + t) + 0.5 * x * dt_dx)
+
+
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W), in C, H, W order whatever the memory layout."""
+
+    def __repr__(self):
+        return "Flatten()"
+
+    def forward(self, x):
+        self.x_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out):
+        return grad_out.reshape(self.x_shape)
+
+
+class Dense(Layer):
+    """y = x @ W + b with W: (in_features, out_features)."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        rng = np.random.default_rng() if rng is None else rng
+        self.in_features, self.out_features = in_features, out_features
+        self.params["W"] = (rng.standard_normal((in_features, out_features))
+                            * math.sqrt(2.0 / in_features)).astype(dtype)
+        if bias:
+            self.params["b"] = np.zeros(out_features, dtype)
+
+    def __repr__(self):
+        return f"Dense({self.in_features}, {self.out_features})"
+
+    def forward(self, x):
+        check_input(self, x, self.in_features, ndim=2)
+        if self.training:
+            self.x = x
+        y = x @ self.params["W"]                                   # y: (N, out)
+        return y + self.params["b"] if "b" in self.params else y
+
+    def backward(self, grad_out):
+        self.grads["W"] = self.x.T @ grad_out
+        if "b" in self.params:
+            self.grads["b"] = grad_out.sum(axis=0)
+        return grad_out @ self.params["W"].T
+
+
+class Scale(Layer):
+    """y = factor * x (a fixed factor, e.g. to temper the logits)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def __repr__(self):
+        return f"Scale({self.factor:g})"
+
+    def forward(self, x):
+        return x * self.factor
+
+    def backward(self, grad_out):
+        return grad_out * self.factor
+
+
+class BatchNorm2D(Layer):
+    """Batch normalization over N, H, W for each channel, PyTorch semantics: batch
+    statistics in training (running variance updated with the unbiased estimate),
+    running statistics in evaluation.  scale=False fixes gamma at 1 (only the shift
+    beta is trained)."""
+    buffer_names = ("running_mean", "running_var")
+
+    def __init__(self, channels, momentum=0.1, eps=1e-5, scale=True, dtype=np.float32):
+        super().__init__()
+        self.channels, self.momentum, self.eps = channels, momentum, eps
+        if scale:
+            self.params["gamma"] = np.ones(channels, dtype)
+        self.params["beta"] = np.zeros(channels, dtype)
+        self.running_mean = np.zeros(channels, dtype)
+        self.running_var = np.ones(channels, dtype)
+
+    def __repr__(self):
+        return f"BatchNorm2D({self.channels})"
+
+    def forward(self, x):
+        check_input(self, x, self.channels)
+        xh = nhwc(x)
+        rows = xh.reshape(-1, self.channels)                       # rows: (N*H*W, C)
+        if self.training:
+            mean, var = rows.mean(axis=0), rows.var(axis=0)
+            m, count = self.momentum, rows.shape[0]
+            self.running_mean[:] = (1 - m) * self.running_mean + m * mean
+            self.running_var[:] = (1 - m) * self.running_var + m * var * count / max(count - 1, 1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = 1.0 / np.sqrt(var + self.eps)
+        xhat = (rows - mean) * inv_std                             # xhat: (N*H*W, C)
+        y = xhat * self.params["gamma"] if "gamma" in self.params else xhat.copy()
+        y += self.params["beta"]
+        if self.training:
+            self.xhat, self.inv_std = xhat, inv_std
+        return nchw_view(y.reshape(xh.shape))
+
+    def backward(self, grad_out):
+        g = nhwc(grad_out)
+        shape = g.shape
+        g = g.reshape(-1, self.channels)                           # g: (N*H*W, C)
+        xhat = self.xhat
+        self.grads["beta"] = g.sum(axis=0)
+        dxhat_xhat = (g * xhat).sum(axis=0)
+        if "gamma" in self.params:
+            self.grads["gamma"] = dxhat_xhat
+            gamma = self.params["gamma"]
+            g, dxhat_xhat = g * gamma, dxhat_xhat * gamma
+        # d/dx of (x - mean)/std with mean and std depending on the whole batch:
+        dx = (g - g.mean(axis=0) - xhat * (dxhat_xhat / g.shape[0])) * self.inv_std
+        return nchw_view(dx.reshape(shape))
+
+
+# ======================================================================================
+# 2. Loss
+# ======================================================================================
+
+
+class SoftmaxCrossEntropy:
+    """Mean cross-entropy of softmax(logits) against integer labels.  With label
+    smoothing e the target is (1 - e) * one_hot + e / K.  The mean over the batch is
+    taken here and nowhere else."""
+
+    def __init__(self, label_smoothing=0.0):
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits, labels):
+        check_input(self, logits, ndim=2)
+        n, k = logits.shape
+        z = logits - logits.max(axis=1, keepdims=True)
+        log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # log-sum-exp
+        target = np.full((n, k), self.label_smoothing / k, logits.dtype)
+        target[np.arange(n), labels] += 1 - self.label_smoothing
+        self.probs, self.target = np.exp(log_probs), target
+        return float(-(target * log_probs).sum() / n)
+
+    def backward(self):
+        return (self.probs - self.target) / self.probs.shape[0]
+
+    def __repr__(self):
+        return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"
+
+
+def log_softmax(logits):
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+# ======================================================================================
+# 3. Optimizers and learning-rate schedules
+# ======================================================================================
+
+
+class SGD:
+    """p <- p - lr * v, with v = momentum * v + (g + weight_decay * p) (PyTorch's
+    convention); Nesterov uses g + momentum * v instead of v.  A layer's `lr_scale`
+    attribute multiplies its learning rate."""
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        self.params, self.lr = list(params), lr
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self.state = {name: np.zeros_like(layer.params[key]) for name, layer, key in self.params}
+
+    def step(self):
+        for name, layer, key in self.params:
+            p, g = layer.params[key], layer.grads[key]
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            lr = self.lr * getattr(layer, "lr_scale", 1.0)
+            if self.momentum:
+                v = self.state[name]
+                v *= self.momentum
+                v += g
+                g = g + self.momentum * v if self.nesterov else v
+            p -= (lr * g).astype(p.dtype, copy=False)
+
+
+class Adam:
+    """Adam (Kingma & Ba), with L2 weight decay added to the gradient as in PyTorch."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params, self.lr, self.betas = list(params), lr, betas
+        self.eps, self.weight_decay, self.t = eps, weight_decay, 0
+        self.state = {}
+        for name, layer, key in self.params:
+            self.state[name + ".m"] = np.zeros_like(layer.params[key])
+            self.state[name + ".v"] = np.zeros_like(layer.params[key])
+
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        for name, layer, key in self.params:
+            p, g = layer.params[key], layer.grads[key]
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            m, v = self.state[name + ".m"], self.state[name + ".v"]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            m_hat, v_hat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
+            lr = self.lr * getattr(layer, "lr_scale", 1.0)
+            p -= (lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(p.dtype, copy=False)
+
+
+# A schedule maps the step number (0, 1, ..., total_steps - 1) to a learning rate.
+
+def constant_lr(lr):
+    return lambda step: lr
+
+
+def step_lr(lr, step_size, gamma=0.1):
+    """lr * gamma ** (step // step_size)."""
+    return lambda step: lr * gamma ** (step // step_size)
+
+
+def cosine_lr(lr, total_steps, final_lr=0.0):
+    """Half a cosine from lr down to final_lr over total_steps."""
+    return lambda step: final_lr + (lr - final_lr) * 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1)))
+
+
+def warmup_linear_lr(lr, total_steps, warmup=0.2, final_fraction=0.0):
+    """Linear warm-up from 0 to lr over the first `warmup` fraction of the steps, then
+    linear decay to final_fraction * lr at the last step."""
+    peak = max(1, round(warmup * total_steps))
+
+    def schedule(step):
+        if step < peak:
+            return lr * (step + 1) / peak
+        done = (step - peak) / max(1, total_steps - 1 - peak)
+        return lr * (1 - (1 - final_fraction) * min(done, 1.0))
+    return schedule
+
+
+# ======================================================================================
+# 4. Model
+# ======================================================================================
+
+
+class Sequential:
+    """Layers applied in order.  backward() skips the input gradient of the first
+    layer (nobody uses the gradient with respect to the images) unless asked."""
+
+    def __init__(self, *layers):
+        self.layers = list(layers)
+
+    def __repr__(self):
+        return "Sequential(\n" + "".join(f"  {layer!r},\n" for layer in self.layers) + ")"
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    __call__ = forward
+
+    def backward(self, grad, input_grad=False):
+        for layer in reversed(self.layers[1:]):
+            grad = layer.backward(grad)
+        first = self.layers[0]
+        if isinstance(first, Conv2D):
+            return first.backward(grad, input_grad=input_grad)
+        return first.backward(grad)
+
+    def train(self):
+        for layer in self.layers:
+            layer.training = True
+        return self
+
+    def eval(self):
+        for layer in self.layers:
+            layer.training = False
+        return self
+
+    def parameters(self):
+        """[(name, layer, key)] for every trained array, e.g. ("0.Conv2D.W", conv, "W")."""
+        return [(f"{i}.{type(layer).__name__}.{key}", layer, key)
+                for i, layer in enumerate(self.layers) if getattr(layer, "trainable", True)
+                for key in layer.params]
+
+    def state_arrays(self):
+        """Every array that defines the model: parameters and buffers, by name."""
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            prefix = f"{i}.{type(layer).__name__}."
+            for key, value in layer.params.items():
+                arrays[prefix + key] = value
+            for key in layer.buffer_names:
+                arrays[prefix + key] = getattr(layer, key)
+        return arrays
+
+    def predict(self, x, batch_size=1000):
+        """Logits for x in evaluation mode, in large batches, without backward caches."""
+        was_training = [layer.training for layer in self.layers]
+        self.eval()
+        try:
+            return np.concatenate([self.forward(x[i:i + batch_size])
+                                   for i in range(0, len(x), batch_size)])
+        finally:
+            for layer, mode in zip(self.layers, was_training):
+                layer.training = mode
+
+    def summary(self, input_shape, file=None):
+        """Print each layer's output shape and parameter count for one input of
+        input_shape (C, H, W); returns the text."""
+        lines = [f"{'layer':<44}{'output shape':>20}{'parameters':>12}"]
+        x = np.zeros((1,) + tuple(input_shape), np.float32)
+        total = 0
+        was_training = [layer.training for layer in self.layers]
+        self.eval()
+        try:
+            for layer in self.layers:
+                x = layer.forward(x)
+                count = sum(p.size for p in layer.params.values())
+                total += count
+                lines.append(f"{layer!r:<44}{str(tuple(x.shape[1:])):>20}{count:>12,}")
+        finally:
+            for layer, mode in zip(self.layers, was_training):
+                layer.training = mode
+        lines.append(f"{'total':<64}{total:>12,}")
+        text = "\n".join(lines)
+        print(text, file=file or sys.stdout)
+        return text
+
+    def save(self, path, extra=None):
+        """Write every parameter and buffer to an .npz file (plus any `extra` arrays,
+        e.g. optimizer state), through a temporary file renamed into place."""
+        arrays = {"model/" + k: v for k, v in self.state_arrays().items()}
+        arrays.update(extra or {})
+        save_npz(path, arrays)
+
+    def load(self, path):
+        """Load arrays written by save(); every name and shape must match this model.
+        Returns the file's other arrays (optimizer state, metadata)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                stored = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a model file ({e})") from None
+        expected = self.state_arrays()
+        names = {k[len("model/"):] for k in stored if k.startswith("model/")}
+        missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path}: does not fit this model: missing {missing or 'nothing'}, "
+                             f"unexpected {unexpected or 'nothing'}")
+        for name, target in expected.items():
+            value = stored["model/" + name]
+            if value.shape != target.shape:
+                raise ValueError(f"{path}: {name} has shape {value.shape}, "
+                                 f"the model expects {target.shape}")
+        for name, target in expected.items():
+            target[...] = stored["model/" + name]
+        return {k: v for k, v in stored.items() if not k.startswith("model/")}
+
+
+def save_npz(path, arrays):
+    """np.savez into path.tmp, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def numerical_gradient(f, x, eps=1e-6):
+    """dF/dx by central differences, (f(x + eps) - f(x - eps)) / (2 eps), one element
+    of x at a time.  f takes no argument and reads x, which is changed in place and
+    restored."""
+    grad = np.zeros_like(x, dtype=np.float64)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    assert np.shares_memory(flat, x), "x must be contiguous"
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f()
+        flat[i] = old - eps
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+# ======================================================================================
+# 5. Data: readers, downloader, streaming mini-batches
+# ======================================================================================
+
+
+class DataError(ValueError):
+    """Anything wrong with a data file; the message names the file and the problem."""
+
+
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def cache_dir():
+    """Where to put decompressed files when the data folder is read-only."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "numpy-cnn")
+
+
+def _writable_twin(path):
+    """path itself if its folder is writable, else the same name in cache_dir()."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.access(folder, os.W_OK):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    return os.path.join(cache_dir(), os.path.basename(path))
+
+
+def gunzip_once(path):
+    """Decompress path (a .gz) to a raw file beside it (or in the cache folder) the
+    first time; later calls find the raw file and return at once."""
+    raw = _writable_twin(path[:-3])
+    if os.path.exists(raw) and os.path.getmtime(raw) >= os.path.getmtime(path):
+        return raw
+    tmp = f"{raw}.{os.getpid()}.tmp"
+    try:
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: not a readable gzip file ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return raw
+
+
+def read_idx(path):
+    """Read an IDX file (raw or .gz) as a read-only memory-mapped array.
+
+    Layout: two zero bytes, a type code (0x08 = uint8, ...), the number of
+    dimensions, one big-endian uint32 size per dimension, then the data."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    raw = gunzip_once(path) if path.endswith(".gz") else path
+    with open(raw, "rb") as f:
+        header = f.read(4)
+        if len(header) < 4 or header[:2] != b"\0\0":
+            raise DataError(f"{path}: bad magic bytes {header!r}, not an IDX file")
+        type_code, ndim = header[2], header[3]
+        if type_code not in IDX_TYPES:
+            raise DataError(f"{path}: unknown IDX type code 0x{type_code:02x}")
+        dims_bytes = f.read(4 * ndim)
+        if len(dims_bytes) < 4 * ndim:
+            raise DataError(f"{path}: truncated header")
+    shape = tuple(int(d) for d in np.frombuffer(dims_bytes, ">u4"))
+    dtype = np.dtype(IDX_TYPES[type_code])
+    offset = 4 + 4 * ndim
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    actual = os.path.getsize(raw)
+    if actual != expected:
+        what = "truncated" if actual < expected else "has trailing bytes"
+        raise DataError(f"{path}: {what}: header says {expected} bytes, file has {actual}")
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(raw, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def write_idx(path, array):
+    """Write an array as an IDX file (gzip-compressed if path ends in .gz)."""
+    codes = {np.dtype(v).newbyteorder(">") if np.dtype(v).itemsize > 1 else np.dtype(v): k
+             for k, v in IDX_TYPES.items()}
+    big = array.astype(np.dtype(array.dtype).newbyteorder(">") if array.dtype.itemsize > 1
+                       else array.dtype)
+    header = bytes([0, 0, codes[big.dtype], array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + big.tobytes())
+
+
+def _find_file(folder, names):
+    for name in names:
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    raise DataError(f"{folder}: none of {', '.join(names)} (or .gz) found")
+
+
+def load_mnist(folder, split="train"):
+    """MNIST or Fashion-MNIST from a folder of IDX files (raw or .gz).
+    Returns images uint8 (N, 1, 28, 28) and labels uint8 (N,), memory-mapped."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    images_path = _find_file(folder, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"])
+    labels_path = _find_file(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"])
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected labels (N,), got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{labels_path}: count mismatch: {len(labels)} labels for "
+                        f"{len(images)} images in {images_path}")
+    if len(labels) and labels.max() > 9:
+        raise DataError(f"{labels_path}: label out of range: {int(labels.max())} (expected 0..9)")
+    return images[:, None], labels
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's batches contain: NumPy arrays and plain
+    containers.  Any other global (os.system, eval, ...) is refused before it runs."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(1))[0]
+        if module == "_codecs":
+            import codecs
+            return codecs.encode
+        return getattr(np, name)
+
+
+def read_cifar_batch(path):
+    """One CIFAR-10 batch file -> images uint8 (N, 3, 32, 32), labels uint8 (N,)."""
+    try:
+        with open(path, "rb") as f:
+            batch = SafeUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: unsafe or corrupt pickle: {e}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{path}: not a CIFAR-10 batch (needs b'data' and b'labels', has {keys})")
+    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", type(data).__name__)
+        raise DataError(f"{path}: not a CIFAR-10 batch (data should be uint8 (N, 3072), got {shape})")
+    if labels.shape != (len(data),):
+        raise DataError(f"{path}: count mismatch: {labels.size} labels for {len(data)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: label out of range: {int(labels.max())} (expected 0..9)")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
+
+
+def safe_extract(archive, target):
+    """Extract a tar archive into target; refuses links, devices and any member whose
+    path would land outside target.  Extracts into a temporary folder renamed into
+    place, so an interrupted extraction leaves nothing half-done."""
+    target = os.path.abspath(target)
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for m in members:
+                dest = os.path.abspath(os.path.join(target, m.name))
+                if os.path.isabs(m.name) or not dest.startswith(target + os.sep) and dest != target:
+                    raise DataError(f"{archive}: unsafe member {m.name!r} escapes the target folder")
+                if not (m.isfile() or m.isdir()):
+                    raise DataError(f"{archive}: unsafe member {m.name!r} (links and devices are refused)")
+            tmp = tempfile.mkdtemp(prefix=".extract-", dir=os.path.dirname(target))
+            try:
+                for m in members:
+                    tar.extract(m, tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                for name in os.listdir(tmp):
+                    if not os.path.exists(os.path.join(target, name)):
+                        os.makedirs(target, exist_ok=True)
+                        os.replace(os.path.join(tmp, name), os.path.join(target, name))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{archive}: not a readable tar archive ({e})") from None
+
+
+def _cifar_folder(path):
+    """Resolve a CIFAR-10 path (archive, batches folder, or a folder holding either)
+    to the cifar-10-batches-py folder, extracting the archive once if needed."""
+    if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz", ".tar")):
+        archive, folder = path, _writable_twin(os.path.join(os.path.dirname(path), "cifar-10-batches-py"))
+        if not os.path.isdir(folder):
+            safe_extract(archive, os.path.dirname(folder))
+        if not os.path.isdir(folder):
+            raise DataError(f"{archive}: holds no cifar-10-batches-py folder")
+        return folder
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such file or folder")
+    if os.path.isfile(os.path.join(path, "batches.meta")):
+        return path
+    if os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
+        return os.path.join(path, "cifar-10-batches-py")
+    archive = os.path.join(path, "cifar-10-python.tar.gz")
+    if os.path.isfile(archive):
+        return _cifar_folder(archive)
+    raise DataError(f"{path}: no cifar-10-python.tar.gz or cifar-10-batches-py here")
+
+
+def load_cifar10(path, split="train"):
+    """CIFAR-10 from cifar-10-python.tar.gz, the cifar-10-batches-py folder, or a
+    folder holding either.  Returns images uint8 (N, 3, 32, 32), labels uint8 (N,)
+    and the ten class names."""
+    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}.get(split)
+    if names is None:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    folder = _cifar_folder(path)
+    meta_path = os.path.join(folder, "batches.meta")
+    try:
+        with open(meta_path, "rb") as f:
+            meta = SafeUnpickler(f, encoding="bytes").load()
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+    except FileNotFoundError:
+        raise DataError(f"{meta_path}: file not found") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{meta_path}: not a CIFAR-10 batches.meta ({type(e).__name__}: {e})") from None
+    parts = [read_cifar_batch(os.path.join(folder, n)) for n in names]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes
+
+
+# --- finding and downloading ----------------------------------------------------------
+
+MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "https://storage.googleapis.com/cvdf-datasets/mnist/"]
+FASHION_MIRRORS = ["https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                   "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"]
+# name -> (mirrors, {file: SHA-256}).  For the IDX files the checksum is that of the
+# official uncompressed file (the .gz is decompressed while it streams), so a mirror
+# that recompressed the data still verifies.
+DATASETS = {
+    "mnist": (MNIST_MIRRORS, {
+        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"}),
+    "fashion-mnist": (FASHION_MIRRORS, {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"}),
+    "cifar10": (["https://www.cs.toronto.edu/~kriz/"], {
+        "cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"}),
+}
+SYSTEM_DIRS = {"fashion-mnist": ["/usr/share/datasets/fashion-mnist"]}
+
+
+def _human(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def download(url, dest, sha256, timeout=30):
+    """Stream url into dest, checking its SHA-256.  A url ending in .gz for a dest
+    that does not is decompressed on the fly (the checksum is then that of the
+    decompressed file).  Shows a progress bar on a terminal and a few lines otherwise.
+    Writes to dest.part and renames only after the checksum matched: a failed or
+    interrupted download never leaves a file under dest."""
+    import zlib
+    tmp = dest + ".part"
+    unzip = zlib.decompressobj(31) if url.endswith(".gz") and not dest.endswith(".gz") else None
+    digest, done, start = hashlib.sha256(), 0, time.time()
+    tty = sys.stderr.isatty()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            next_report = 0.25
+            while True:
+                chunk = response.read(1 << 16)
+                if not chunk:
+                    break
+                done += len(chunk)
+                data = unzip.decompress(chunk) if unzip else chunk
+                digest.update(data)
+                out.write(data)
+                rate = done / max(time.time() - start, 1e-9)
+                if tty:
+                    pct = f"{100 * done / total:5.1f} %" if total else ""
+                    print(f"\r  {os.path.basename(dest)}: {_human(done)} {pct} {_human(rate)}/s",
+                          end="", file=sys.stderr, flush=True)
+                elif total and done / total >= next_report:
+                    print(f"  {os.path.basename(dest)}: {100 * done / total:.0f} % of {_human(total)}",
+                          file=sys.stderr)
+                    next_report += 0.25
+            if tty:
+                print(file=sys.stderr)
+            if total and done != total:
+                raise DataError(f"{url}: connection closed after {done} of {total} bytes")
+            if unzip:
+                if not unzip.eof:
+                    raise DataError(f"{url}: gzip stream ends early")
+                rest = unzip.flush()
+                digest.update(rest)
+                out.write(rest)
+        if digest.hexdigest() != sha256:
+            raise DataError(f"{url}: checksum mismatch: SHA-256 {digest.hexdigest()}, expected {sha256}")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{url}: download failed ({getattr(e, 'reason', e)})") from None
+    except Exception:
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def fetch_dataset(name, folder, mirrors=None):
+    """Download the files of DATASETS[name] that folder lacks, trying each mirror in
+    order.  On failure, says which files are needed and where to put them."""
+    default_mirrors, files = DATASETS[name]
+    os.makedirs(folder, exist_ok=True)
+    for filename, sha in files.items():
+        dest = os.path.join(folder, filename)
+        if os.path.exists(dest):
+            continue
+        errors = []
+        remote = filename if filename.endswith(".gz") else filename + ".gz"
+        for mirror in mirrors or default_mirrors:
+            print(f"downloading {mirror}{remote}", file=sys.stderr)
+            try:
+                download(mirror + remote, dest, sha)
+                break
+            except DataError as e:
+                errors.append(str(e))
+        else:
+            raise DataError(f"could not download {name} ({errors[-1]}); put "
+                            f"{', '.join(files)} (or their .gz) in {folder} or pass --data-dir")
+    return folder
+
+
+def locate_dataset(name, data_dir=None):
+    """Where the training scripts find their data: --data-dir if given (it must hold
+    the data), else ./data/NAME, then the system folders (Debian's
+    dataset-fashion-mnist), else a download into ./data/NAME."""
+    loader = load_cifar10 if name == "cifar10" else load_mnist
+    if data_dir is not None:
+        if not os.path.exists(data_dir):
+            raise DataError(f"--data-dir {data_dir}: no such folder")
+        loader(data_dir, "test")
+        return data_dir
+    for folder in [os.path.join("data", name)] + SYSTEM_DIRS.get(name, []):
+        try:
+            loader(folder, "test")
+            return folder
+        except DataError:
+            continue
+    return fetch_dataset(name, os.path.join("data", name))
+
+
+# --- streaming mini-batches -----------------------------------------------------------
+
+
+def channel_stats(images, chunk=5000):
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), in
+    chunks, so the whole set is never converted to floating point at once."""
+    c = images.shape[1]
+    total, total_sq, count = np.zeros(c), np.zeros(c), 0
+    for i in range(0, len(images), chunk):
+        block = np.asarray(images[i:i + chunk], np.float64)
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += (block * block).sum(axis=(0, 2, 3))
+        count += block.size // c
+    mean = total / count
+    return mean.astype(np.float32), np.sqrt(total_sq / count - mean ** 2).astype(np.float32)
+
+
+def normalize(batch, mean, std):
+    """uint8 (B, C, H, W) -> float32 (mean 0, std 1 per channel), in channels-last
+    memory (what the first convolution wants), seen as NCHW."""
+    x = np.empty((batch.shape[0],) + batch.shape[2:] + batch.shape[1:2], np.float32)  # x: (B, H, W, C)
+    x[...] = batch.transpose(0, 2, 3, 1)
+    x -= mean
+    x *= 1 / std
+    return nchw_view(x)
+
+
+def random_crop(batch, pad, rng, mode="reflect"):
+    """Pad (reflect or zero) by `pad` pixels and cut a random H x W window per image;
+    vectorized: all windows are views of the padded batch, one fancy index picks them."""
+    n, c, h, w = batch.shape
+    padded = np.pad(batch, ((0, 0), (0, 0), (pad, pad), (pad, pad)),
+                    mode="reflect" if mode == "reflect" else "constant")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))  # (B, C, 2p+1, 2p+1, H, W)
+    dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+    return windows[np.arange(n), :, dy, dx]
+
+
+def flip_some(batch, flip):
+    """Mirror the images where the boolean mask flip is True."""
+    return np.where(flip[:, None, None, None], batch[..., ::-1], batch)
+
+
+def iterate_batches(images, labels, batch_size, mean, std, *, shuffle=True, seed=0, epoch=0,
+                    crop=0, pad_mode="reflect", flip=None, drop_last=False):
+    """Yield (x float32 (B, C, H, W), y (B,)) over one epoch.
+
+    The order is a fresh permutation for each (seed, epoch), so a resumed run sees the
+    same batches.  Only one batch is converted to float32 at a time.  Augmentation:
+    crop > 0 pads by crop pixels and crops back at random; flip "random" mirrors half
+    the images, flip "alternate" mirrors each image on every other epoch (a random
+    half on even epochs, the other half on odd ones)."""
+    n = len(images)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if flip == "alternate":
+        flip_mask = (np.random.default_rng([seed, 7919]).random(n) < 0.5) ^ bool(epoch % 2)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        sorted_idx = np.sort(idx)  # memory-mapped reads go faster in file order
+        batch = np.asarray(images[sorted_idx])
+        idx = sorted_idx
+        if crop:
+            batch = random_crop(batch, crop, rng, pad_mode)
+        if flip == "random":
+            batch = flip_some(batch, rng.random(len(idx)) < 0.5)
+        elif flip == "alternate":
+            batch = flip_some(batch, flip_mask[idx])
+        yield normalize(batch, mean, std), np.asarray(labels[idx]).astype(np.int64)
+
+
+# ======================================================================================
+# 6. Training
+# ======================================================================================
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def predict_logits(model, images, mean, std, batch_size=1000, tta=False):
+    """Logits for uint8 images, in evaluation mode and large batches.  tta=True
+    averages the logits of each image and its mirror image (test-time augmentation)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = np.asarray(images[i:i + batch_size])
+        logits = model.predict(normalize(batch, mean, std), batch_size)
+        if tta:
+            logits = 0.5 * (logits + model.predict(normalize(batch[..., ::-1], mean, std), batch_size))
+        out.append(logits)
+    return np.concatenate(out)
+
+
+def evaluate(model, images, labels, mean, std, batch_size=1000, tta=False):
+    """(mean cross-entropy, accuracy, predicted classes) on a whole set."""
+    logits = predict_logits(model, images, mean, std, batch_size, tta)
+    labels = np.asarray(labels).astype(np.int64)
+    loss = float(-log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels].mean())
+    predictions = logits.argmax(axis=1)
+    return loss, float((predictions == labels).mean()), predictions
+
+
+class Progress:
+    """On a terminal, one line per epoch rewritten in place (images done, images/s,
+    running loss, time left); otherwise nothing until the epoch's summary line."""
+
+    def __init__(self, epoch, epochs, total, stream=sys.stderr):
+        self.epoch, self.epochs, self.total, self.stream = epoch, epochs, total, stream
+        self.tty = stream.isatty()
+        self.start = self.last = time.time()
+
+    def update(self, done, loss):
+        now = time.time()
+        if not self.tty or (now - self.last < 0.2 and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        width = 24
+        filled = int(width * done / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        left = (self.total - done) / max(rate, 1e-9)
+        print(f"\repoch {self.epoch}/{self.epochs} [{bar}] {done}/{self.total} {rate:,.0f} img/s "
+              f"loss {loss:.4f} {left:4.0f}s left ", end="", file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty:
+            print("\r" + " " * 100 + "\r", end="", file=self.stream, flush=True)
+
+
+def train_epoch(model, loss_fn, optimizer, schedule, batches, step, progress):
+    """One pass over `batches`; returns (mean loss, accuracy, next step number)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        optimizer.lr = schedule(step)
+        logits = model.forward(x)
+        loss = loss_fn.forward(logits, y)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the loss became {loss} at step {step}")
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        step += 1
+        total_loss += loss * len(y)
+        correct += int((logits.argmax(axis=1) == y).sum())
+        seen += len(y)
+        progress.update(seen, total_loss / seen)
+    progress.close()
+    return total_loss / seen, correct / seen, step
+
+
+def save_checkpoint(path, model, optimizer, meta):
+    extra = {"optimizer/" + k: v for k, v in optimizer.state.items()}
+    extra["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    model.save(path, extra)
+
+
+def load_checkpoint(path, model, optimizer=None):
+    """Load a checkpoint written by save_checkpoint; returns its metadata."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no checkpoint here (train first, or check --out)")
+    extra = model.load(path)
+    if optimizer is not None:
+        for key, value in optimizer.state.items():
+            stored = extra.get("optimizer/" + key)
+            if stored is None or stored.shape != value.shape:
+                raise DataError(f"{path}: optimizer state {key} missing or of the wrong shape")
+            value[...] = stored
+    meta = json.loads(bytes(extra["meta"]).decode()) if "meta" in extra else {}
+    if optimizer is not None and hasattr(optimizer, "t"):
+        optimizer.t = meta.get("optimizer_t", 0)
+    return meta
+
+
+def fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std, *, epochs,
+        batch_size, seed=0, augment=None, checkpoint=None, meta=None, start_epoch=0,
+        history=None, log=print):
+    """The training loop: for each epoch, shuffle, train, measure on the validation
+    set, log one line and save a checkpoint (weights, optimizer state, history).
+
+    Stops with TrainingDiverged if the loss stops being finite (the last checkpoint
+    is kept).  On Ctrl-C the current weights are saved and KeyboardInterrupt is
+    raised again; --resume then repeats the interrupted epoch."""
+    history = list(history or [])
+    (x_train, y_train), (x_val, y_val) = train_set, val_set
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    step = start_epoch * steps_per_epoch
+    meta = dict(meta or {})
+
+    def save(epochs_done):
+        if checkpoint:
+            meta.update(epoch=epochs_done, history=history, optimizer_t=getattr(optimizer, "t", 0))
+            save_checkpoint(checkpoint, model, optimizer, meta)
+
+    for epoch in range(start_epoch, epochs):
+        start = time.time()
+        batches = iterate_batches(x_train, y_train, batch_size, mean, std, seed=seed, epoch=epoch,
+                                  **(augment or {}))
+        progress = Progress(epoch + 1, epochs, len(x_train))
+        try:
+            train_loss, train_acc, step = train_epoch(model, loss_fn, optimizer, schedule,
+                                                      batches, step, progress)
+        except KeyboardInterrupt:
+            progress.close()
+            save(epoch)
+            raise
+        seconds = time.time() - start
+        val_loss, val_acc = evaluate(model, x_val, y_val, mean, std)[:2] if len(x_val) else (math.nan, math.nan)
+        history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc,
+                            val_loss=val_loss, val_acc=val_acc, seconds=seconds,
+                            lr=optimizer.lr))
+        log(f"epoch {epoch + 1:3d}/{epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}  {seconds:.1f}s")
+        save(epoch + 1)
+    return history
+
+
+# ======================================================================================
+# 7. Metrics
+# ======================================================================================
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """cm[i, j] = how many images of class i were predicted as class j."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
+    return cm
+
+
+def f1_scores(cm):
+    """Per-class F1 = 2 TP / (2 TP + FP + FN); a class never predicted and never
+    present has no defined F1 and counts as 0, like a class with no hit."""
+    tp = np.diag(cm).astype(np.float64)
+    denominator = cm.sum(axis=0) + cm.sum(axis=1)  # = 2 TP + FP + FN
+    return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+
+
+def macro_f1(cm):
+    return float(f1_scores(cm).mean())
+
+
+# ======================================================================================
+# 8. Drawing (Pillow, imported here only)
+# ======================================================================================
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _save_png(image, path):
+    tmp = f"{path}.tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _nice_ticks(low, high, count=6):
+    """Round tick values covering [low, high]."""
+    span = max(high - low, 1e-12)
+    raw = span / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    return [first + i * step for i in range(int(math.ceil((high - first) / step)) + 1)]
+
+
+def draw_learning_curve(history, test_loss, title, path, size=(900, 560)):
+    """Training error per epoch (green), validation error (blue) and the final test
+    error (red horizontal line), cross-entropy on the y axis."""
+    from PIL import Image, ImageDraw
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small, big = _font(15), _font(13), _font(18)
+    left, right, top, bottom = 80, width - 30, 60, height - 60
+    epochs = [h["epoch"] for h in history]
+    series = [("training error", (30, 150, 50), [h["train_loss"] for h in history]),
+              ("validation error", (40, 90, 200), [h["val_loss"] for h in history])]
+    values = [v for _, _, vs in series for v in vs if math.isfinite(v)] + [test_loss]
+    yticks = _nice_ticks(0.0, max(values) * 1.05)
+    ymax = yticks[-1]
+    x_last = max(epochs[-1], 2)
+    xticks = [t for t in _nice_ticks(1, x_last, 8) if t >= 1 and float(t).is_integer()] or [1]
+
+    def px(epoch, value):
+        return (left + (right - left) * (epoch - 1) / (x_last - 1),
+                bottom - (bottom - top) * value / ymax)
+
+    for t in yticks:  # grid and y ticks
+        y = px(1, t)[1]
+        draw.line([(left, y), (right, y)], fill=(228, 228, 228))
+        draw.text((left - 8, y), f"{t:g}", fill="black", font=small, anchor="rm")
+    for t in xticks:
+        x = px(t, 0)[0]
+        draw.line([(x, bottom), (x, bottom + 5)], fill="black")
+        draw.text((x, bottom + 8), f"{int(t)}", fill="black", font=small, anchor="ma")
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
+    draw.text(((left + right) / 2, height - 22), "epoch", fill="black", font=font, anchor="mm")
+    label = Image.new("RGBA", (300, 24), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((150, 12), "cross-entropy error", fill="black", font=font, anchor="mm")
+    label = label.rotate(90, expand=True)
+    image.paste(label, (8, (top + bottom) // 2 - 150), label)
+    draw.text((width / 2, 28), title, fill="black", font=big, anchor="mm")
+
+    y_test = px(1, test_loss)[1]
+    draw.line([(left, y_test), (right, y_test)], fill=(210, 40, 40), width=2)
+    for name, color, vs in series:
+        points = [px(e, v) for e, v in zip(epochs, vs) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=3, joint="curve")
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+    legend = series + [(f"test error (final) {test_loss:.3f}", (210, 40, 40), None)]
+    lx, ly = right - 250, top + 10
+    draw.rectangle([lx - 10, ly - 8, right - 8, ly + 22 * len(legend)], fill="white", outline=(180, 180, 180))
+    for i, (name, color, _) in enumerate(legend):
+        y = ly + 22 * i + 7
+        draw.line([(lx, y), (lx + 30, y)], fill=color, width=3)
+        draw.text((lx + 40, y), name, fill="black", font=small, anchor="lm")
+    _save_png(image, path)
+
+
+def draw_confusion_matrix(cm, classes, title, path, cell=54):
+    """Rows: true class, columns: predicted class; darker blue = more images."""
+    from PIL import Image, ImageDraw
+    k = len(classes)
+    font, small = _font(15), _font(12)
+    margin_left, margin_top = 130, 140
+    size = (margin_left + k * cell + 20, margin_top + k * cell + 50)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((size[0] / 2, 20), title, fill="black", font=font, anchor="mm")
+    draw.text((margin_left + k * cell / 2, 45), "predicted class", fill="black", font=font, anchor="mm")
+    row_max = np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    for i in range(k):
+        y = margin_top + i * cell
+        draw.text((margin_left - 8, y + cell / 2), classes[i], fill="black", font=small, anchor="rm")
+        for j in range(k):
+            x = margin_left + j * cell
+            share = cm[i, j] / row_max[i, 0]
+            shade = tuple(int(255 - share * (255 - c)) for c in (20, 70, 160))
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade, outline=(220, 220, 220))
+            draw.text((x + cell / 2, y + cell / 2), str(cm[i, j]), font=small, anchor="mm",
+                      fill="white" if share > 0.5 else "black")
+    for j in range(k):  # column names, rotated
+        label = Image.new("RGBA", (margin_top - 60, cell), (255, 255, 255, 0))
+        ImageDraw.Draw(label).text((margin_top - 62, cell / 2), classes[j], fill="black", font=small, anchor="rm")
+        label = label.rotate(90, expand=True)
+        image.paste(label, (margin_left + j * cell, 58), label)
+    draw.text((20, margin_top + k * cell + 25), "rows: true class", fill="black", font=small, anchor="lm")
+    _save_png(image, path)
+
+
+def draw_mistakes(images, labels, predictions, classes, title, path, count=40, columns=8, scale=3):
+    """A grid of misclassified images, each captioned true -> predicted."""
+    from PIL import Image, ImageDraw
+    wrong = np.flatnonzero(np.asarray(predictions) != np.asarray(labels))[:count]
+    c, h, w = images.shape[1:]
+    tile_w, tile_h = max(w * scale, 110) + 10, h * scale + 38
+    rows = max(1, math.ceil(len(wrong) / columns))
+    image = Image.new("RGB", (columns * tile_w + 10, rows * tile_h + 50), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(11)
+    draw.text((image.width / 2, 22), title if len(wrong) else title + ": no mistakes", fill="black",
+              font=font, anchor="mm")
+    for n, i in enumerate(wrong):
+        r, col = divmod(n, columns)
+        x, y = 10 + col * tile_w, 45 + r * tile_h
+        pixels = np.asarray(images[i]).transpose(1, 2, 0)
+        picture = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+        picture = picture.resize((w * scale, h * scale), Image.NEAREST)
+        image.paste(picture, (x + (tile_w - 10 - w * scale) // 2, y))
+        draw.text((x + (tile_w - 10) / 2, y + h * scale + 4), f"true {classes[labels[i]]}",
+                  fill=(30, 120, 40), font=small, anchor="ma")
+        draw.text((x + (tile_w - 10) / 2, y + h * scale + 18), f"pred {classes[predictions[i]]}",
+                  fill=(200, 30, 30), font=small, anchor="ma")
+    _save_png(image, path)
+
+
+# ======================================================================================
+# 9. Command line: the training scripts' shared options and runner, and the benchmark
+# ======================================================================================
+
+
+def fail(message, code=2):
+    """One line on stderr, no traceback, a non-zero exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def parse_options(description, recipes, argv=None):
+    """The options every training script shares.  recipes maps a network number to
+    its recipe (defaults and training settings); with several, --net picks one, and
+    the other defaults follow it.  Returns (args, recipe)."""
+    nets = list(recipes)
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # one line "error: ...", exit code 2
+    if nets != [None]:  # {None: recipe}: a script with a single network and no --net
+        parser.add_argument("--net", type=int, choices=nets, default=nets[0])
+    recipe = recipes[parser.parse_known_args(argv)[0].net if nets != [None] else None]
+    parser.add_argument("--epochs", type=_positive(int), default=recipe["epochs"])
+    parser.add_argument("--batch-size", type=_positive(int), default=recipe["batch_size"])
+    parser.add_argument("--lr", type=_positive(float), default=recipe["lr"], help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=recipe.get("weight_decay", 0.0))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help="folder (or archive) holding the dataset; default: "
+                        "./data/<dataset>, a system folder, else download")
+    parser.add_argument("--out", help="output folder (default runs/<network>)")
+    parser.add_argument("--limit", type=_positive(int), help="use only the first N training images")
+    parser.add_argument("--impl", choices=["fast", "loop"], default="fast",
+                        help="convolution and pooling implementation")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/model.npz")
+    parser.add_argument("--predict", nargs="+", metavar="FILE",
+                        help="classify image files with the trained OUT/model.npz")
+    args = parser.parse_args(argv)
+    return args, recipe
+
+
+def _load_split(dataset, folder, split):
+    if dataset == "cifar10":
+        return load_cifar10(folder, split)
+    images, labels = load_mnist(folder, split)
+    return images, labels, CLASS_NAMES[dataset]
+
+
+CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+}
+
+
+def image_to_input(path, channels, height, width):
+    """Any image Pillow opens -> uint8 (1, C, H, W) like the training images.
+    Grayscale pictures with a light background are inverted, because MNIST digits
+    and Fashion-MNIST clothes are light on black."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as picture:
+            picture = picture.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            pixels = np.asarray(picture, np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"{path}: cannot read this image ({e})") from None
+    if channels == 1:
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        if border.mean() > 127:
+            pixels = 255 - pixels
+        return pixels[None, None]
+    return pixels.transpose(2, 0, 1)[None]
+
+
+def predict_files(files, out, build):
+    model = build("fast", np.random.default_rng(0))
+    meta = load_checkpoint(os.path.join(out, "model.npz"), model)
+    mean, std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
+    classes, (c, h, w) = meta["classes"], meta["input_shape"]
+    for path in files:
+        logits = model.predict(normalize(image_to_input(path, c, h, w), mean, std))
+        probs = np.exp(log_softmax(logits.astype(np.float64)))[0]
+        top = np.argsort(-probs)[:3]
+        print(f"{path}: " + ", ".join(f"{classes[k]} {probs[k]:.3f}" for k in top))
+
+
+def make_optimizer(model, recipe, args):
+    if recipe.get("optimizer", "sgd") == "adam":
+        return Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    return SGD(model.parameters(), args.lr, momentum=recipe.get("momentum", 0.9),
+               nesterov=recipe.get("nesterov", False), weight_decay=args.weight_decay)
+
+
+def make_schedule(recipe, lr, total_steps):
+    kind = recipe.get("schedule", "constant")
+    if kind == "cosine":
+        return cosine_lr(lr, total_steps, lr * recipe.get("final_fraction", 0.0))
+    if kind == "warmup_linear":
+        return warmup_linear_lr(lr, total_steps, recipe.get("warmup", 0.2), recipe.get("final_fraction", 0.0))
+    return constant_lr(lr)
+
+
+def peak_memory_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def run_script(args, *, name, title, dataset, build, recipe):
+    """Everything a train_*.py script does after parsing its options: find the data,
+    train (or resume), evaluate on the test set, write the outputs; or --predict."""
+    started = time.time()
+    out = args.out or os.path.join("runs", name)
+    try:
+        if args.predict:
+            return predict_files(args.predict, out, build)
+        folder = locate_dataset(dataset, args.data_dir)
+        train_images, train_labels, classes = _load_split(dataset, folder, "train")
+        test_images, test_labels, _ = _load_split(dataset, folder, "test")
+    except DataError as e:
+        fail(str(e))
+    if args.limit:
+        train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
+    n_val = min(recipe.get("val", 5000), len(train_images) // 10)
+    n_train = len(train_images) - n_val
+    train_set = (train_images[:n_train], train_labels[:n_train])
+    val_set = (train_images[n_train:], train_labels[n_train:])
+    mean, std = channel_stats(train_set[0])
+    print(f"{title}: {n_train} training, {n_val} validation, {len(test_images)} test images "
+          f"from {folder}", file=sys.stderr)
+
+    rng = np.random.default_rng(args.seed)
+    model = build(args.impl, rng)
+    if "init" in recipe:
+        recipe["init"](model, normalize(np.asarray(train_set[0][:5000]), mean, std))
+    optimizer = make_optimizer(model, recipe, args)
+    steps = args.epochs * math.ceil(n_train / args.batch_size)
+    schedule = make_schedule(recipe, args.lr, steps)
+    loss_fn = SoftmaxCrossEntropy(recipe.get("label_smoothing", 0.0))
+    checkpoint = os.path.join(out, "model.npz")
+    options = {k: v for k, v in vars(args).items() if k != "predict"}
+    meta = dict(options=options, mean=mean.tolist(), std=std.tolist(), classes=classes,
+                input_shape=list(train_images.shape[1:]))
+    start_epoch, history = 0, []
+    if args.resume:
+        try:
+            stored = load_checkpoint(checkpoint, model, optimizer)
+        except (DataError, ValueError) as e:
+            fail(str(e))
+        start_epoch, history = stored.get("epoch", 0), stored.get("history", [])
+        print(f"resuming from {checkpoint} after epoch {start_epoch}", file=sys.stderr)
+    os.makedirs(out, exist_ok=True)
+    augment = {k: recipe[k] for k in ("crop", "flip", "pad_mode") if k in recipe}
+    try:
+        history = fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std,
+                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                      augment=augment, checkpoint=checkpoint, meta=meta,
+                      start_epoch=start_epoch, history=history)
+    except TrainingDiverged as e:
+        fail(f"{e}; try a smaller learning rate (--lr {args.lr / 3:.3g}); "
+             f"the last good checkpoint is {checkpoint}", code=1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: saved {checkpoint}; run again with --resume to continue",
+              file=sys.stderr)
+        sys.exit(130)
+
+    tta = recipe.get("tta", False)
+    test_loss, test_acc, predictions = evaluate(model, test_images, test_labels, mean, std)
+    results = dict(test_loss=test_loss, test_accuracy=test_acc)
+    if tta:
+        plain = dict(results)
+        test_loss, test_acc, predictions = evaluate(model, test_images, test_labels, mean, std, tta=True)
+        results = dict(test_loss=test_loss, test_accuracy=test_acc, without_tta=plain)
+    labels = np.asarray(test_labels).astype(np.int64)
+    cm = confusion_matrix(labels, predictions, len(classes))
+    results.update(macro_f1=macro_f1(cm), f1_per_class=f1_scores(cm).tolist(),
+                   confusion_matrix=cm.tolist(), epochs=len(history),
+                   train_seconds=sum(h["seconds"] for h in history),
+                   wall_seconds=time.time() - started, peak_memory_mb=peak_memory_mb())
+    draw_learning_curve(history, test_loss, f"{title}: test accuracy {100 * test_acc:.2f} %",
+                        os.path.join(out, "learning_curve.png"))
+    draw_confusion_matrix(cm, classes, f"{title}: confusion matrix (test set)",
+                          os.path.join(out, "confusion_matrix.png"))
+    draw_mistakes(test_images, labels, predictions, classes, f"{title}: misclassified test images",
+                  os.path.join(out, "mistakes.png"))
+    metrics = dict(network=title, options=options, recipe={k: v for k, v in recipe.items() if k != "init"},
+                   history=history, **results)
+    tmp = os.path.join(out, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(tmp, os.path.join(out, "metrics.json"))
+    print(f"test loss {test_loss:.4f}  accuracy {test_acc:.4f}  macro F1 {results['macro_f1']:.4f}"
+          + (f"  (without TTA: accuracy {results['without_tta']['test_accuracy']:.4f})" if tta else "")
+          + f"  wall time {results['wall_seconds']:.0f}s  outputs in {out}")
+    return metrics
+
+
+USAGE = """usage: python cnn.py bench     measure the layers and networks on this machine
+       (training: python train_mnist.py --net 1|2, train_fashion.py, train_cifar.py --net 3|4)"""
+
+
+def main(argv):
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
+    print(USAGE)
+    return 0 if not argv else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,716 @@
+"""Tests for cnn.py: gradients against finite differences, loop vs fast agreement,
+readers and downloader on generated files, and the training scripts end to end.
+No network (the downloader talks to a local http.server) and no real dataset."""
+import gzip
+import http.server
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+import cnn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rel_error(a, b):
+    """||a - b|| / (||a|| + ||b||): scale-free, and 0 only for equal arrays."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-30)
+
+
+def check_layer_gradients(layer, x, tolerance=1e-6, seed=0):
+    """Compare backward() with central differences of f = sum(forward(x) * G) for
+    the input and every parameter; returns the largest relative error."""
+    x = np.ascontiguousarray(x, np.float64)
+    upstream = np.random.default_rng(seed).standard_normal(layer.forward(x).shape)
+    layer.forward(x)
+    dx = layer.backward(upstream)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+
+    def f():
+        return float(np.sum(layer.forward(x) * upstream))
+
+    errors = {"x": rel_error(dx, cnn.numerical_gradient(f, x))}
+    for key, param in layer.params.items():
+        errors[key] = rel_error(grads[key], cnn.numerical_gradient(f, param))
+    assert set(grads) == set(layer.params)
+    worst = max(errors.values())
+    assert worst < tolerance, errors
+    return worst
+
+
+def away_from_zero(shape, seed=0):
+    """Random values with |x| >= 0.1, so that ReLU's kink is out of reach of eps."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.1, 1.5, shape) * rng.choice([-1, 1], shape)
+    return x
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("impl", ["loop", "fast"])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 0), (2, 1)])
+def test_conv_gradients(impl, stride, padding):
+    rng = np.random.default_rng(1)
+    layer = cnn.Conv2D(3, 4, 3, stride=stride, padding=padding, impl=impl, dtype=np.float64, rng=rng)
+    layer.params["b"][:] = rng.standard_normal(4)
+    check_layer_gradients(layer, rng.standard_normal((2, 3, 7, 6)))  # 7 x 6: odd, non-square
+
+
+@pytest.mark.parametrize("impl", ["loop", "fast"])
+def test_conv_gradients_rectangular_kernel_without_bias(impl):
+    rng = np.random.default_rng(2)
+    layer = cnn.Conv2D(2, 3, (2, 3), stride=2, impl=impl, bias=False, dtype=np.float64, rng=rng)
+    check_layer_gradients(layer, rng.standard_normal((3, 2, 6, 9)))
+
+
+@pytest.mark.parametrize("impl", ["loop", "fast"])
+@pytest.mark.parametrize("kernel,stride,size", [(2, None, (6, 8)), (2, None, (7, 9)),
+                                                 (3, 2, (7, 8)), (3, 1, (5, 6)), (2, 1, (4, 5))])
+def test_maxpool_gradients(impl, kernel, stride, size):
+    rng = np.random.default_rng(3)
+    check_layer_gradients(cnn.MaxPool2D(kernel, stride, impl=impl), rng.standard_normal((2, 3) + size))
+
+
+def test_maxpool_first_maximum_gets_the_gradient_and_overlaps_accumulate():
+    for impl in ("loop", "fast"):
+        x = np.zeros((1, 1, 3, 3))
+        x[0, 0, 1, 1] = 5.0                       # the centre is the max of all 4 windows
+        pool = cnn.MaxPool2D(2, 1, impl=impl)
+        assert np.array_equal(pool.forward(x), np.full((1, 1, 2, 2), 5.0))
+        dx = pool.backward(np.ones((1, 1, 2, 2)))
+        expected = np.zeros((1, 1, 3, 3))
+        expected[0, 0, 1, 1] = 4.0                # accumulated, not assigned
+        assert np.array_equal(dx, expected), impl
+        ties = np.ones((1, 1, 2, 2))              # all equal: the first (top-left) wins
+        pool = cnn.MaxPool2D(2, impl=impl)
+        pool.forward(ties)
+        assert np.array_equal(pool.backward(np.ones((1, 1, 1, 1)))[0, 0], [[1, 0], [0, 0]]), impl
+
+
+@pytest.mark.parametrize("stride,padding,size", [(1, 0, (8, 7)), (2, 1, (9, 10)), (1, 1, (5, 5))])
+def test_conv_loop_and_fast_agree(stride, padding, size):
+    rng = np.random.default_rng(4)
+    loop = cnn.Conv2D(3, 5, 3, stride=stride, padding=padding, impl="loop", dtype=np.float64, rng=rng)
+    fast = cnn.Conv2D(3, 5, 3, stride=stride, padding=padding, impl="fast", dtype=np.float64)
+    loop.params["b"][:] = rng.standard_normal(5)
+    for key in loop.params:
+        fast.params[key] = loop.params[key].copy()
+    x = rng.standard_normal((4, 3) + size)
+    y_loop, y_fast = loop.forward(x), fast.forward(x)
+    assert rel_error(y_loop, y_fast) < 1e-10
+    g = rng.standard_normal(y_loop.shape)
+    assert rel_error(loop.backward(g), fast.backward(g)) < 1e-10
+    for key in loop.params:
+        assert rel_error(loop.grads[key], fast.grads[key]) < 1e-10
+
+
+@pytest.mark.parametrize("kernel,stride", [(2, None), (3, 2), (2, 1)])
+def test_pool_loop_and_fast_agree(kernel, stride):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 9, 7))
+    x[0, 0, :2, :2] = 1.0  # a tie
+    loop, fast = cnn.MaxPool2D(kernel, stride, impl="loop"), cnn.MaxPool2D(kernel, stride, impl="fast")
+    y = loop.forward(x)
+    assert rel_error(y, fast.forward(x)) < 1e-10
+    g = rng.standard_normal(y.shape)
+    assert rel_error(loop.backward(g), fast.backward(g)) < 1e-10
+
+
+def test_conv_known_output():
+    conv = cnn.Conv2D(1, 1, 2, dtype=np.float64)
+    conv.params["W"][:] = [[[[1, 2], [3, 4]]]]
+    conv.params["b"][:] = 10
+    x = np.arange(9, dtype=np.float64).reshape(1, 1, 3, 3)
+    # cross-correlation (no kernel flip): 0*1 + 1*2 + 3*3 + 4*4 + 10 = 37
+    for impl in ("loop", "fast"):
+        conv.impl = impl
+        assert np.array_equal(conv.forward(x)[0, 0], [[37, 47], [67, 77]])
+
+
+def test_dense_relu_flatten_scale_gelu_gradients():
+    rng = np.random.default_rng(6)
+    dense = cnn.Dense(5, 3, dtype=np.float64, rng=rng)
+    dense.params["b"][:] = rng.standard_normal(3)
+    check_layer_gradients(dense, rng.standard_normal((4, 5)))
+    check_layer_gradients(cnn.Dense(5, 3, bias=False, dtype=np.float64, rng=rng), rng.standard_normal((4, 5)))
+    check_layer_gradients(cnn.ReLU(), away_from_zero((2, 3, 4, 5)))
+    check_layer_gradients(cnn.GELU(), rng.standard_normal((2, 3, 4, 5)) * 2)
+    check_layer_gradients(cnn.Flatten(), rng.standard_normal((2, 3, 4, 5)))
+    check_layer_gradients(cnn.Scale(1 / 9), rng.standard_normal((3, 7)))
+    check_layer_gradients(cnn.GlobalMaxPool2D(), rng.standard_normal((2, 3, 4, 5)))
+
+
+def test_gelu_values():
+    gelu = cnn.GELU()
+    y = gelu.forward(np.array([-3.0, 0.0, 1.0, 3.0]))
+    # exact GELU: -0.00405, 0, 0.84134, 2.99595; the tanh form is within 1e-3
+    assert np.allclose(y, [-0.00405, 0.0, 0.84134, 2.99595], atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_batchnorm_gradients_training_mode(scale):
+    rng = np.random.default_rng(7)
+    bn = cnn.BatchNorm2D(3, scale=scale, dtype=np.float64)
+    if scale:
+        bn.params["gamma"][:] = rng.uniform(0.5, 1.5, 3)
+    bn.params["beta"][:] = rng.standard_normal(3)
+    check_layer_gradients(bn, rng.standard_normal((4, 3, 3, 5)) * 2 + 1)
+
+
+def test_batchnorm_statistics_and_eval_mode():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, 2, 3, 4)) * 3 + 5
+    bn = cnn.BatchNorm2D(2, momentum=0.1, dtype=np.float64)
+    bn.params["gamma"][:] = [2.0, 0.5]
+    bn.params["beta"][:] = [1.0, -1.0]
+    y = bn.forward(x)
+    # training: batch statistics, biased variance inside the normalization
+    mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    expected = (x - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5)
+    expected = expected * np.array([2.0, 0.5])[None, :, None, None] + np.array([1.0, -1.0])[None, :, None, None]
+    assert rel_error(y, expected) < 1e-12
+    # running statistics: momentum 0.1 from (0, 1), variance unbiased (n / (n - 1))
+    n = x.size // 2
+    assert np.allclose(bn.running_mean, 0.1 * mean)
+    assert np.allclose(bn.running_var, 0.9 + 0.1 * var * n / (n - 1))
+    bn.training = False
+    x2 = rng.standard_normal((2, 2, 3, 4))
+    expected = (x2 - bn.running_mean[None, :, None, None]) / np.sqrt(bn.running_var[None, :, None, None] + 1e-5)
+    expected = expected * np.array([2.0, 0.5])[None, :, None, None] + np.array([1.0, -1.0])[None, :, None, None]
+    assert rel_error(bn.forward(x2), expected) < 1e-12
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_softmax_cross_entropy(smoothing):
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal((5, 4))
+    labels = np.array([0, 3, 1, 1, 2])
+    loss_fn = cnn.SoftmaxCrossEntropy(smoothing)
+    loss_fn.forward(logits, labels)
+    grad = loss_fn.backward()
+    numeric = cnn.numerical_gradient(lambda: loss_fn.forward(logits, labels), logits)
+    assert rel_error(grad, numeric) < 1e-7
+    # known values: uniform logits give log(K) whatever the smoothing
+    assert loss_fn.forward(np.zeros((3, 4)), np.array([0, 1, 2])) == pytest.approx(np.log(4))
+    # stable for huge logits: log-sum-exp, no overflow
+    big = np.array([[1000.0, 0.0], [0.0, 1000.0]])
+    value = cnn.SoftmaxCrossEntropy().forward(big, np.array([0, 0]))
+    assert value == pytest.approx(500.0)
+
+
+def test_numerical_gradient_of_a_known_function():
+    x = np.array([1.0, -2.0, 3.0])
+    assert np.allclose(cnn.numerical_gradient(lambda: float(np.sum(x ** 3)), x), 3 * x ** 2, atol=1e-8)
+
+
+def small_network(dtype=np.float64, impl="fast", seed=0):
+    rng = np.random.default_rng(seed)
+    return cnn.Sequential(
+        cnn.Conv2D(2, 4, 3, padding=1, impl=impl, bias=False, dtype=dtype, rng=rng),
+        cnn.BatchNorm2D(4, dtype=dtype),  # no conv bias before BatchNorm: its gradient is 0
+        cnn.ReLU(), cnn.MaxPool2D(2, impl=impl),
+        cnn.Conv2D(4, 3, 3, stride=1, impl=impl, dtype=dtype, rng=rng), cnn.GELU(),
+        cnn.Flatten(), cnn.Dense(6, 5, dtype=dtype, rng=rng), cnn.ReLU(), cnn.Dense(5, 3, dtype=dtype, rng=rng))
+
+
+@pytest.mark.parametrize("impl", ["loop", "fast"])
+def test_whole_network_gradient_with_batchnorm_in_training_mode(impl):
+    rng = np.random.default_rng(10)
+    model = small_network(impl=impl)
+    x = rng.standard_normal((3, 2, 6, 8))
+    labels = np.array([0, 2, 1])
+    loss_fn = cnn.SoftmaxCrossEntropy(0.1)
+    model.train()
+    loss_fn.forward(model.forward(x), labels)
+    dx = model.backward(loss_fn.backward(), input_grad=True)
+
+    def f():
+        return loss_fn.forward(model.forward(x), labels)
+
+    assert rel_error(dx, cnn.numerical_gradient(f, x)) < 1e-6
+    for name, layer, key in model.parameters():
+        analytic = layer.grads[key].copy()
+        assert rel_error(analytic, cnn.numerical_gradient(f, layer.params[key])) < 1e-6, name
+
+
+def test_float32_stays_float32():
+    model = small_network(dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 2, 6, 8)).astype(np.float32)
+    y = model.forward(x)
+    assert y.dtype == np.float32
+    model.backward(np.ones_like(y))
+    assert all(layer.grads[key].dtype == np.float32 for _, layer, key in model.parameters())
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"Conv2D\(3, 8.*expected input of shape \(N, 3, H, W\), got \(2, 1, 28, 28\)"):
+        cnn.Conv2D(3, 8, 3).forward(np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, C, H, W\), got \(28, 28\)"):
+        cnn.MaxPool2D().forward(np.zeros((28, 28)))
+    with pytest.raises(ValueError, match=r"Dense\(400, 64\).*\(N, 400\), got \(2, 676\)"):
+        cnn.Dense(400, 64).forward(np.zeros((2, 676), np.float32))
+
+
+def test_summary_shapes_and_counts(capsys):
+    model = cnn.Sequential(cnn.Conv2D(1, 16, 3), cnn.ReLU(), cnn.MaxPool2D(2), cnn.Conv2D(16, 16, 3),
+                           cnn.ReLU(), cnn.MaxPool2D(2), cnn.Flatten(), cnn.Dense(400, 64))
+    text = model.summary((1, 28, 28))
+    assert "(16, 26, 26)" in text and "(16, 5, 5)" in text and "(400,)" in text
+    assert f"{16 * 9 + 16 + 16 * 16 * 9 + 16 + 400 * 64 + 64:,}" in text.splitlines()[-1]
+
+
+def test_save_load_bit_identical_and_shape_check(tmp_path):
+    model = small_network(dtype=np.float32, seed=1)
+    x = np.random.default_rng(0).standard_normal((4, 2, 6, 8)).astype(np.float32)
+    model.forward(x)  # moves the BatchNorm running statistics away from their start
+    path = str(tmp_path / "m.npz")
+    model.save(path)
+    assert not os.path.exists(path + ".tmp")
+    other = small_network(dtype=np.float32, seed=2)
+    other.load(path)
+    assert np.array_equal(model.predict(x), other.predict(x))
+    wrong = cnn.Sequential(cnn.Conv2D(2, 5, 3, padding=1, bias=False), *small_network(dtype=np.float32).layers[1:])
+    with pytest.raises(ValueError, match=r"0\.Conv2D\.W has shape \(4, 2, 3, 3\), the model expects \(5, 2, 3, 3\)"):
+        wrong.load(path)
+
+
+def test_sgd_and_adam_match_their_formulas():
+    layer = cnn.Dense(1, 1, bias=False, dtype=np.float64)
+    layer.params["W"][:] = 1.0
+    params = [("w", layer, "W")]
+    sgd = cnn.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+    layer.grads["W"] = np.array([[0.5]])
+    sgd.step()  # v = 0.5 + 0.01 = 0.51;  w = 1 - 0.051
+    assert layer.params["W"][0, 0] == pytest.approx(0.949)
+    sgd.step()  # v = 0.9 * 0.51 + 0.5 + 0.00949 = 0.96849
+    assert layer.params["W"][0, 0] == pytest.approx(0.949 - 0.096849)
+    layer.params["W"][:] = 1.0
+    nesterov = cnn.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    nesterov.step()  # v = 0.5; step uses g + 0.9 v = 0.95
+    assert layer.params["W"][0, 0] == pytest.approx(1 - 0.095)
+    layer.params["W"][:] = 1.0
+    layer.lr_scale = 64.0
+    cnn.SGD(params, lr=0.001).step()
+    assert layer.params["W"][0, 0] == pytest.approx(1 - 0.064 * 0.5)
+    del layer.lr_scale
+    layer.params["W"][:] = 1.0
+    adam = cnn.Adam(params, lr=0.01)
+    adam.step()  # first bias-corrected step is lr * g / |g|
+    assert layer.params["W"][0, 0] == pytest.approx(0.99, abs=1e-7)
+
+
+def test_schedules():
+    s = cnn.warmup_linear_lr(1.0, total_steps=101, warmup=0.2, final_fraction=0.1)
+    assert s(0) == pytest.approx(1 / 20) and s(19) == pytest.approx(1.0)
+    assert s(100) == pytest.approx(0.1) and s(60) == pytest.approx(1 - 0.9 * 40 / 80)
+    c = cnn.cosine_lr(2.0, 100, 0.0)
+    assert c(0) == pytest.approx(2.0) and c(50) == pytest.approx(1.0) and c(100) == pytest.approx(0.0)
+    assert cnn.step_lr(1.0, 10, 0.5)(25) == pytest.approx(0.25)
+    assert cnn.constant_lr(0.3)(1000) == 0.3
+
+
+def test_tiny_network_overfits_tiny_dataset():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)
+    y = np.arange(16) % 4
+    model = cnn.Sequential(cnn.Conv2D(1, 8, 3, padding=1, rng=rng), cnn.ReLU(), cnn.MaxPool2D(2),
+                           cnn.Flatten(), cnn.Dense(128, 4, rng=rng))
+    loss_fn, opt = cnn.SoftmaxCrossEntropy(), cnn.SGD(model.parameters(), 0.05, momentum=0.9)
+    first = loss_fn.forward(model.forward(x), y)
+    for _ in range(150):
+        loss = loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        opt.step()
+    assert first > 1.0 and loss < 0.02
+
+
+# --------------------------------------------------------------------------- data
+
+
+def write_mnist(folder, n_train=120, n_test=40, gz=True, spelling="-", seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    ext = ".gz" if gz else ""
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for k in range(n):  # a learnable signal: a bright bar whose place is the label
+            images[k, 2 + 2 * labels[k]:4 + 2 * labels[k], 4:24] = 250
+        cnn.write_idx(os.path.join(folder, f"{prefix}-images{spelling}idx3-ubyte{ext}"), images)
+        cnn.write_idx(os.path.join(folder, f"{prefix}-labels{spelling}idx1-ubyte{ext}"), labels)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("gz,spelling", [(True, "-"), (False, "-"), (False, ".")])
+def test_idx_round_trip(tmp_path, gz, spelling):
+    arrays = write_mnist(str(tmp_path), gz=gz, spelling=spelling)
+    images, labels = cnn.load_mnist(str(tmp_path), "train")
+    assert images.shape == (120, 1, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images[:, 0], arrays["train"][0]) and np.array_equal(labels, arrays["train"][1])
+    assert isinstance(images.base, np.memmap) or isinstance(images, np.memmap)
+    if gz:  # the .gz was decompressed once, beside it; the second read uses that file
+        raw = tmp_path / "train-images-idx3-ubyte"
+        assert raw.exists()
+        mtime = raw.stat().st_mtime_ns
+        cnn.load_mnist(str(tmp_path), "train")
+        assert raw.stat().st_mtime_ns == mtime
+
+
+def test_idx_other_types_round_trip(tmp_path):
+    for array in (np.arange(24, dtype=np.int32).reshape(2, 3, 4) - 5, np.linspace(0, 1, 6).astype(np.float32)):
+        path = str(tmp_path / "a.idx")
+        cnn.write_idx(path, array)
+        assert np.array_equal(cnn.read_idx(path), array)
+
+
+def test_idx_errors(tmp_path):
+    good = str(tmp_path / "good")
+    cnn.write_idx(good, np.zeros((3, 2, 2), np.uint8))
+    data = open(good, "rb").read()
+    cases = {"magic": (b"\x01\x00" + data[2:], r"bad magic bytes"),
+             "type": (data[:2] + b"\x07" + data[3:], r"unknown IDX type code 0x07"),
+             "short": (data[:-3], r"truncated: header says 28 bytes, file has 25")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(cnn.DataError, match=str(path) + ".*" + message):
+            cnn.read_idx(str(path))
+    with pytest.raises(cnn.DataError, match="file not found"):
+        cnn.read_idx(str(tmp_path / "missing"))
+
+
+def test_mnist_count_mismatch_and_label_out_of_range(tmp_path):
+    write_mnist(str(tmp_path), gz=False)
+    cnn.write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), np.zeros(39, np.uint8))
+    with pytest.raises(cnn.DataError, match=r"count mismatch: 39 labels for 40 images"):
+        cnn.load_mnist(str(tmp_path), "test")
+    cnn.write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), np.full(40, 10, np.uint8))
+    with pytest.raises(cnn.DataError, match=r"t10k-labels-idx1-ubyte: label out of range: 10"):
+        cnn.load_mnist(str(tmp_path), "test")
+    with pytest.raises(cnn.DataError, match="none of"):
+        cnn.load_mnist(str(tmp_path / "nowhere"), "test")
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar(folder, per_batch=20, seed=0, archive=False):
+    """Tiny batches in the official layout: pickled dicts with bytes keys."""
+    rng = np.random.default_rng(seed)
+    batches_dir = os.path.join(folder, "cifar-10-batches-py")
+    os.makedirs(batches_dir, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        data = rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8)
+        for k, label in enumerate(labels):  # learnable: a bright stripe per class
+            data[k, 32 * 3 * label:32 * 3 * label + 64] = 255
+        with open(os.path.join(batches_dir, name), "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data}, f, protocol=2)
+        written[name] = (data, labels)
+    with open(os.path.join(batches_dir, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_vis": 3072}, f, protocol=2)
+    if archive:
+        path = os.path.join(folder, "cifar-10-python.tar.gz")
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(batches_dir, arcname="cifar-10-batches-py")
+        import shutil
+        shutil.rmtree(batches_dir)
+    return written
+
+
+@pytest.mark.parametrize("form", ["batches folder", "parent folder", "archive", "folder with archive"])
+def test_cifar_round_trip(tmp_path, form):
+    written = write_cifar(str(tmp_path), archive=form in ("archive", "folder with archive"))
+    path = {"batches folder": tmp_path / "cifar-10-batches-py", "parent folder": tmp_path,
+            "archive": tmp_path / "cifar-10-python.tar.gz", "folder with archive": tmp_path}[form]
+    images, labels, classes = cnn.load_cifar10(str(path), "train")
+    assert images.shape == (100, 3, 32, 32) and images.dtype == np.uint8 and classes == CIFAR_CLASSES
+    expected = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(images, expected)
+    test_images, test_labels, _ = cnn.load_cifar10(str(path), "test")
+    assert np.array_equal(test_labels, written["test_batch"][1])
+
+
+def test_cifar_bad_batches(tmp_path):
+    write_cifar(str(tmp_path))
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, f, protocol=2)
+    with pytest.raises(cnn.DataError, match=r"test_batch: not a CIFAR-10 batch \(needs b'data' and b'labels'"):
+        cnn.load_cifar10(str(tmp_path), "test")
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(cnn.DataError, match=r"not a CIFAR-10 batch \(data should be uint8 \(N, 3072\), got \(2, 100\)"):
+        cnn.load_cifar10(str(tmp_path), "test")
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_pickle_is_refused_and_nothing_runs(tmp_path):
+    write_cifar(str(tmp_path))
+    marker = tmp_path / "it-ran"
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": RunsACommand(marker), b"labels": []}, f, protocol=2)
+    with pytest.raises(cnn.DataError, match=r"test_batch: unsafe or corrupt pickle: refused to load (posix|os)\.system"):
+        cnn.load_cifar10(str(tmp_path), "test")
+    assert not marker.exists()
+
+
+def test_tar_member_escaping_the_folder_is_refused(tmp_path):
+    archive = tmp_path / "evil" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        payload = b"gotcha"
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(cnn.DataError, match=r"unsafe member '\.\./escaped\.txt' escapes the target folder"):
+        cnn.load_cifar10(str(archive), "train")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+# ---- downloader against a local server
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/cut/"):  # promises 100,000 bytes, sends 1,000, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            lambda *a: Handler(*a, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def sha256(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_download_good_file_and_gzip_on_the_fly(server, tmp_path):
+    root, url = server
+    payload = os.urandom(300_000)
+    (root / "file.bin").write_bytes(payload)
+    (root / "file.idx.gz").write_bytes(gzip.compress(payload))
+    dest = tmp_path / "file.bin"
+    cnn.download(url + "file.bin", str(dest), sha256(payload))
+    assert dest.read_bytes() == payload
+    dest2 = tmp_path / "file.idx"  # the checksum is that of the decompressed content
+    cnn.download(url + "file.idx.gz", str(dest2), sha256(payload))
+    assert dest2.read_bytes() == payload
+
+
+@pytest.mark.parametrize("case", ["wrong checksum", "404", "cut halfway"])
+def test_download_failures_leave_no_file(server, tmp_path, case):
+    root, url = server
+    (root / "file.bin").write_bytes(b"a" * 5000)
+    path, message = {"wrong checksum": ("file.bin", "checksum mismatch"),
+                     "404": ("missing.bin", "download failed"),
+                     "cut halfway": ("cut/file.bin", "connection closed|download failed")}[case]
+    dest = tmp_path / "out.bin"
+    with pytest.raises(cnn.DataError, match=message):
+        checksum = "0" * 64 if case == "wrong checksum" else sha256(b"a" * 5000)
+        cnn.download(url + path, str(dest), checksum, timeout=5)
+    assert not dest.exists() and not (tmp_path / "out.bin.part").exists()
+
+
+def test_fetch_dataset_tries_mirrors_in_order(server, tmp_path, monkeypatch):
+    root, url = server
+    files = {}
+    (root / "good").mkdir()
+    for name in ("a-idx1-ubyte", "b-idx1-ubyte"):
+        content = os.urandom(1000)
+        (root / "good" / (name + ".gz")).write_bytes(gzip.compress(content))
+        files[name] = sha256(content)
+    monkeypatch.setitem(cnn.DATASETS, "toy", ([url + "broken/", url + "good/"], files))
+    folder = cnn.fetch_dataset("toy", str(tmp_path / "toy"))
+    assert sorted(os.listdir(folder)) == sorted(files)
+    monkeypatch.setitem(cnn.DATASETS, "toy2", ([url + "broken/"], files))
+    with pytest.raises(cnn.DataError, match=r"could not download toy2 .* put a-idx1-ubyte, b-idx1-ubyte .* --data-dir"):
+        cnn.fetch_dataset("toy2", str(tmp_path / "toy2"))
+
+
+# ---- streaming batches
+
+
+def test_batches_cover_every_index_once_and_are_reproducible():
+    n = 103
+    images = np.random.default_rng(0).integers(0, 256, (n, 3, 4, 5)).astype(np.uint8)
+    labels = np.arange(n)
+    mean, std = cnn.channel_stats(images)
+    def epoch_labels(seed, epoch):
+        return np.concatenate([y for _, y in cnn.iterate_batches(images, labels, 10, mean, std, seed=seed, epoch=epoch)])
+    first = epoch_labels(1, 0)
+    assert sorted(first) == list(range(n))
+    assert np.array_equal(first, epoch_labels(1, 0))
+    assert not np.array_equal(first, epoch_labels(1, 1))
+    xs = np.concatenate([x for x, _ in cnn.iterate_batches(images, labels, 10, mean, std)])
+    assert xs.dtype == np.float32 and xs.shape == (n, 3, 4, 5)
+    assert np.allclose(xs.mean(axis=(0, 2, 3)), 0, atol=1e-5) and np.allclose(xs.std(axis=(0, 2, 3)), 1, atol=1e-4)
+    expected_mean = images.astype(np.float64).mean(axis=(0, 2, 3))
+    assert np.allclose(mean, expected_mean, rtol=1e-6)
+
+
+def test_augmentation_only_moves_pixels():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 3, 8, 8)).astype(np.uint8)
+    cropped = cnn.random_crop(images, 2, rng, "reflect")
+    assert cropped.shape == images.shape
+    padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    for k in range(16):  # each output is one of the 25 shifted windows of its own image
+        assert any(np.array_equal(cropped[k], padded[k, :, dy:dy + 8, dx:dx + 8])
+                   for dy in range(5) for dx in range(5))
+    zero = cnn.random_crop(images, 3, rng, "zero")
+    assert zero.shape == images.shape
+    flip = np.arange(16) % 2 == 0
+    flipped = cnn.flip_some(images, flip)
+    assert np.array_equal(flipped[flip], images[flip][..., ::-1]) and np.array_equal(flipped[~flip], images[~flip])
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    a = np.concatenate([x for x, _ in cnn.iterate_batches(images, np.arange(16), 16, mean, std, shuffle=False,
+                                                          epoch=0, flip="alternate")])
+    b = np.concatenate([x for x, _ in cnn.iterate_batches(images, np.arange(16), 16, mean, std, shuffle=False,
+                                                          epoch=1, flip="alternate")])
+    assert np.array_equal(a, b[..., ::-1])  # alternate flip: every image mirrored on the other epoch
+
+
+def test_metrics():
+    cm = cnn.confusion_matrix([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    # F1: class 0: 2*1/(2+1+1) = 0.5; class 1: 4/(4+1) = 0.8; class 2: never right -> 0
+    assert np.allclose(cnn.f1_scores(cm), [0.5, 0.8, 0.0])
+    assert cnn.macro_f1(cm) == pytest.approx(1.3 / 3)
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def run(script, *args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def check_outputs(out):
+    for name in ("learning_curve.png", "confusion_matrix.png", "mistakes.png", "metrics.json", "model.npz"):
+        assert (out / name).stat().st_size > 0, name
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("script,args", [("train_mnist.py", ["--net", "1"]), ("train_mnist.py", ["--net", "2"]),
+                                         ("train_fashion.py", [])])
+def test_mnist_scripts_end_to_end(tmp_path, script, args):
+    data = tmp_path / "data"
+    write_mnist(str(data), n_train=300, n_test=60)
+    out = tmp_path / "out"
+    result = run(script, *args, "--data-dir", str(data), "--epochs", "1", "--limit", "200", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = check_outputs(out)
+    assert len(metrics["history"]) == 1 and 0 <= metrics["test_accuracy"] <= 1
+    assert len(metrics["confusion_matrix"]) == 10 and sum(map(sum, metrics["confusion_matrix"])) == 60
+    assert "epoch   1/1" in result.stdout
+
+
+def test_resume_and_predict(tmp_path):
+    data = tmp_path / "data"
+    write_mnist(str(data), n_train=300, n_test=60)
+    out = tmp_path / "out"
+    common = ["--net", "2", "--data-dir", str(data), "--limit", "200", "--out", str(out)]
+    assert run("train_mnist.py", *common, "--epochs", "1").returncode == 0
+    first = json.loads((out / "metrics.json").read_text())["history"][0]
+    result = run("train_mnist.py", *common, "--epochs", "2", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr and "after epoch 1" in result.stderr
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(history) == 2 and history[0] == first
+    from PIL import Image
+    picture = np.full((60, 50), 255, np.uint8)  # a dark digit-like bar on white: gets inverted
+    picture[20:30, 5:45] = 0
+    Image.fromarray(picture).save(tmp_path / "digit.png")
+    result = run("train_mnist.py", "--net", "2", "--out", str(out), "--predict", str(tmp_path / "digit.png"))
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(str(tmp_path / "digit.png") + ": ")
+    probs = [float(part.split()[-1]) for part in line.split(": ", 1)[1].split(", ")]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_bad_options_and_data_exit_2_with_one_line(tmp_path):
+    result = run("train_mnist.py", "--data-dir", str(tmp_path / "nope"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: --data-dir") and "no such folder" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("train_fashion.py", "--data-dir", str(empty))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "\n" not in result.stderr.strip()
+    result = run("train_mnist.py", "--net", "7")
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "\n" not in result.stderr.strip()
+    result = run("train_mnist.py", "--lr", "-1")
+    assert result.returncode == 2 and "must be positive" in result.stderr
+    result = run("train_mnist.py", "--out", str(tmp_path / "none"), "--predict", "x.png")
+    assert result.returncode == 2 and "no checkpoint here" in result.stderr
+
+
+def test_divergence_stops_with_advice(tmp_path):
+    data = tmp_path / "data"
+    write_mnist(str(data), n_train=300, n_test=60)
+    result = run("train_mnist.py", "--net", "1", "--data-dir", str(data), "--limit", "200",
+                 "--out", str(tmp_path / "out"), "--lr", "1e12", "--epochs", "1")
+    assert result.returncode == 1 and "try a smaller learning rate" in result.stderr
+
+
+def test_cifar_net3_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    write_cifar(str(data), per_batch=30, archive=True)
+    out = tmp_path / "out"
+    result = run("train_cifar.py", "--net", "3", "--data-dir", str(data / "cifar-10-python.tar.gz"),
+                 "--epochs", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = check_outputs(out)
+    assert sum(map(sum, metrics["confusion_matrix"])) == 30
+
+
+def test_cnn_py_alone_imports_with_numpy_only(tmp_path):
+    import shutil
+    shutil.copy(os.path.join(HERE, "cnn.py"), tmp_path)
+    code = "import sys, cnn; assert 'PIL' not in sys.modules; print(cnn.Conv2D(1, 2, 3))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "Conv2D(1, 2" in result.stdout, result.stderr
+    result = subprocess.run([sys.executable, "cnn.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.stdout.startswith("usage: python cnn.py")
