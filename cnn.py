@@ -180,59 +180,95 @@ class Conv2D(Layer):
 
     # -- vectorized version -----------------------------------------------------------
     def _forward_fast(self, x):
-        """im2col + one matrix multiply, channels-last.
+        """im2col + one matrix multiply.
 
-        With x in NHWC memory, the kh*kw shifted (strided) slices of the padded input
-        are copied side by side into `cols`, a (N*Ho*Wo, kh*kw*C) matrix whose row r
-        holds the receptive field of output pixel r, channels innermost, so each copy
-        moves contiguous runs of C numbers.  Then y = cols @ Wmat with Wmat of shape
-        (kh*kw*C, F): one large matrix multiply that BLAS runs near the machine's peak
-        on both cores, and whose (N*Ho*Wo, F) result already is the NHWC output."""
-        W, s, p = self.params["W"], self.stride, self.padding
-        n, _, h, w = x.shape
+        im2col copies every receptive field into one row of a matrix `cols` of shape
+        (N*Ho*Wo, kh*kw*C); then y = cols @ Wmat with Wmat of shape (kh*kw*C, F) is the
+        whole convolution, one large matrix multiply that BLAS runs near the machine's
+        peak on all cores, and its (N*Ho*Wo, F) result already is the output in NHWC
+        memory.  The copy is cheap when it moves contiguous runs: from channels-last
+        memory (what every fast layer outputs) each run is C numbers of one pixel; from
+        NCHW memory (images straight from the data, C = 1 or 3) we build the transposed
+        matrix cols^T instead, whose rows are contiguous image rows, and BLAS reads the
+        transpose for free."""
+        W, p = self.params["W"], self.padding
+        n, c, h, w = x.shape
         ho, wo = self.output_size(h, w)
-        c, dtype = self.in_channels, np.result_type(x, W)
-        xh = nhwc(x)                                               # xh: (N, H, W, C)
-        if p:
-            xpad = np.zeros((n, h + 2 * p, w + 2 * p, c), dtype)   # xpad: (N, H+2p, W+2p, C)
-            xpad[:, p:p + h, p:p + w] = xh
-        else:
-            xpad = xh
-        cols = np.empty((n, ho, wo, self.kh, self.kw, c), dtype)   # cols: (N, Ho, Wo, kh, kw, C)
-        for u in range(self.kh):
-            for v in range(self.kw):
-                cols[:, :, :, u, v] = xpad[:, u:u + s * ho:s, v:v + s * wo:s]
-        cols = cols.reshape(n * ho * wo, -1)                       # cols: (N*Ho*Wo, kh*kw*C)
-        wmat = W.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)  # wmat: (kh*kw*C, F)
-        y = cols @ wmat                                            # y: (N*Ho*Wo, F)
+        f = self.out_channels
+        if x.flags.c_contiguous and c < 8:      # NCHW memory: rows of cols^T are image rows
+            cols_t = im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride)  # (C*kh*kw, N*Ho*Wo)
+            y = cols_t.T @ W.reshape(f, -1).T                      # y: (N*Ho*Wo, F)
+            cache = ("t", cols_t)
+        else:                                   # channels-last memory
+            cols = im2col(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride)  # (N*Ho*Wo, kh*kw*C)
+            y = cols @ W.transpose(2, 3, 1, 0).reshape(-1, f)      # y: (N*Ho*Wo, F)
+            cache = ("nhwc", cols)
         if "b" in self.params:
             y += self.params["b"]
         if self.training:
-            self.cols, self.x_shape = cols, x.shape
-        return nchw_view(y.reshape(n, ho, wo, self.out_channels))
+            self.cache, self.x_shape = cache, x.shape
+        return nchw_view(y.reshape(n, ho, wo, f))
 
     def _backward_fast(self, grad_out, input_grad):
-        """The forward matrix multiply run backwards: dWmat = cols^T @ g and
-        dcols = g @ Wmat^T; col2im then adds each of the kh*kw column blocks back onto
-        its shifted slice of the input (kh*kw vectorized adds, no per-pixel loop)."""
+        """dW is the forward matrix multiply run backwards: cols^T @ g.  dL/dx is
+        itself a convolution: the output gradient, spread out by the stride (zeros in
+        between) and padded by k - 1, cross-correlated with the kernel flipped in
+        both directions and with in/out channels swapped.  So the input gradient
+        reuses im2col and one matrix multiply instead of scattering kh*kw blocks."""
         W, s, p = self.params["W"], self.stride, self.padding
         n, c, h, w = self.x_shape
+        f, kh, kw = self.out_channels, self.kh, self.kw
         g = nhwc(grad_out)                                         # g: (N, Ho, Wo, F)
         ho, wo = g.shape[1:3]
-        g = g.reshape(-1, self.out_channels)                       # g: (N*Ho*Wo, F)
+        g2 = g.reshape(-1, f)                                      # g2: (N*Ho*Wo, F)
         if self.trainable:
-            dwmat = self.cols.T @ g                                # dwmat: (kh*kw*C, F)
-            self._set_grads(dwmat.reshape(self.kh, self.kw, c, -1).transpose(3, 2, 0, 1),
-                            g.sum(axis=0))
+            layout, cols = self.cache
+            if layout == "t":                                      # cols: (C*kh*kw, M)
+                dW = (cols @ g2).T.reshape(f, c, kh, kw)
+            else:                                                  # cols: (M, kh*kw*C)
+                dW = (cols.T @ g2).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
+            self._set_grads(np.ascontiguousarray(dW), column_sum(g2))
         if not input_grad:
             return None
-        wmat = W.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
-        dcols = (g @ wmat.T).reshape(n, ho, wo, self.kh, self.kw, c)
-        dxpad = np.zeros((n, h + 2 * p, w + 2 * p, c), dcols.dtype)  # dxpad: (N, H+2p, W+2p, C)
-        for u in range(self.kh):
-            for v in range(self.kw):
-                dxpad[:, u:u + s * ho:s, v:v + s * wo:s] += dcols[:, :, :, u, v]
+        hp, wp = h + 2 * p, w + 2 * p
+        spread = np.zeros((n, hp + kh - 1, wp + kw - 1, f), g.dtype)  # spread: (N, Hp+kh-1, Wp+kw-1, F)
+        spread[:, kh - 1:kh - 1 + s * (ho - 1) + 1:s, kw - 1:kw - 1 + s * (wo - 1) + 1:s] = g
+        w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
+        dxpad = (im2col(spread, kh, kw, 1) @ w_flipped).reshape(n, hp, wp, c)
         return nchw_view(dxpad[:, p:p + h, p:p + w])
+
+
+def pad_hw(x, p, axes=(1, 2)):
+    """Zero-pad the two spatial axes of x by p pixels (no copy when p = 0)."""
+    if not p:
+        return x
+    widths = [(0, 0)] * x.ndim
+    for a in axes:
+        widths[a] = (p, p)
+    return np.pad(x, widths)
+
+
+def im2col(x, kh, kw, stride):
+    """x: (N, H, W, C) -> cols: (N*Ho*Wo, kh*kw*C), row r = receptive field of output
+    pixel r in (u, v, c) order.  sliding_window_view makes the windows without
+    copying; one reshaping copy then lays them out as matrix rows."""
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # (N, Ho', Wo', C, kh, kw)
+    windows = windows[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)
+    return windows.reshape(-1, kh * kw * x.shape[3])
+
+
+def im2col_t(x, kh, kw, stride):
+    """x: (N, C, H, W) -> cols^T: (C*kh*kw, N*Ho*Wo), the transpose of im2col's
+    matrix built from NCHW memory: each copy moves a run of Wo neighbouring pixels."""
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))  # (N, C, Ho', Wo', kh, kw)
+    windows = windows[:, :, ::stride, ::stride].transpose(1, 4, 5, 0, 2, 3)
+    return windows.reshape(x.shape[1] * kh * kw, -1)
+
+
+def column_sum(a):
+    """a.sum(axis=0) for a tall matrix a, as the product ones @ a: BLAS sums the rows
+    on all cores, an order of magnitude faster than NumPy's reduction down axis 0."""
+    return np.ones(a.shape[0], a.dtype) @ a
 
 
 class MaxPool2D(Layer):
@@ -292,34 +328,45 @@ class MaxPool2D(Layer):
         return dx
 
     def _window_slices(self, ho, wo):
-        """The k*k strided slices of the input: slice (u, v) holds, for every output
-        pixel, the window element at offset (u, v).  Max pooling is then k*k
-        elementwise maxima over whole arrays, for any kernel, stride or size."""
+        """The k*k strided slices of the NHWC input: slice t = (u, v) holds, for every
+        output pixel, the window element at offset (u, v).  Pooling becomes k*k
+        elementwise operations over whole arrays, for any kernel, stride or size."""
         s = self.stride
         for u in range(self.k):
             for v in range(self.k):
                 yield (slice(None), slice(u, u + s * ho, s), slice(v, v + s * wo, s))
 
     def _forward_fast(self, x):
+        """Running maximum over the k*k window slices; `which` remembers the offset
+        of the first maximum (strict > keeps the earliest), so backward does not
+        search again."""
         xh = nhwc(x)                                               # xh: (N, H, W, C)
         ho, wo = self.output_size(*xh.shape[1:3])
         slices = list(self._window_slices(ho, wo))
         y = xh[slices[0]].copy()                                   # y: (N, Ho, Wo, C)
-        for sl in slices[1:]:
-            np.maximum(y, xh[sl], out=y)
+        which = np.zeros(y.shape, np.uint8)                        # which: (N, Ho, Wo, C)
+        for t, sl in enumerate(slices[1:], 1):
+            candidate = xh[sl]
+            if self.training:  # which = t where candidate > y, else unchanged (uint8 arithmetic)
+                which += (candidate > y).view(np.uint8) * (np.uint8(t) - which)
+            np.maximum(y, candidate, out=y)
         if self.training:
-            self.xh, self.y = xh, y
+            self.which, self.x_shape = which, xh.shape
         return nchw_view(y)
 
     def _backward_fast(self, grad_out):
+        """Each window's gradient goes to the offset `which` recorded: one masked
+        product per offset, written straight into the strided slice of dx when the
+        windows do not overlap, added when they do."""
         g = nhwc(grad_out)                                         # g: (N, Ho, Wo, C)
-        dx = np.zeros(self.xh.shape, g.dtype)                      # dx: (N, H, W, C)
-        taken = np.zeros(g.shape, bool)  # windows whose first maximum was already found
-        for sl in self._window_slices(*g.shape[1:3]):
-            first = self.xh[sl] == self.y
-            first &= ~taken
-            taken |= first
-            dx[sl] += g * first
+        dx = np.zeros(self.x_shape, g.dtype)                       # dx: (N, H, W, C)
+        overlap = self.stride < self.k
+        for t, sl in enumerate(self._window_slices(*g.shape[1:3])):
+            hit = self.which == t
+            if overlap:
+                dx[sl] += g * hit
+            else:
+                np.multiply(g, hit, out=dx[sl])
         return nchw_view(dx)
 
 
@@ -418,7 +465,7 @@ class Dense(Layer):
     def backward(self, grad_out):
         self.grads["W"] = self.x.T @ grad_out
         if "b" in self.params:
-            self.grads["b"] = grad_out.sum(axis=0)
+            self.grads["b"] = column_sum(grad_out)
         return grad_out @ self.params["W"].T
 
 
@@ -482,14 +529,14 @@ class BatchNorm2D(Layer):
         shape = g.shape
         g = g.reshape(-1, self.channels)                           # g: (N*H*W, C)
         xhat = self.xhat
-        self.grads["beta"] = g.sum(axis=0)
-        dxhat_xhat = (g * xhat).sum(axis=0)
+        self.grads["beta"] = column_sum(g)
+        dxhat_xhat = column_sum(g * xhat)
         if "gamma" in self.params:
             self.grads["gamma"] = dxhat_xhat
             gamma = self.params["gamma"]
             g, dxhat_xhat = g * gamma, dxhat_xhat * gamma
         # d/dx of (x - mean)/std with mean and std depending on the whole batch:
-        dx = (g - g.mean(axis=0) - xhat * (dxhat_xhat / g.shape[0])) * self.inv_std
+        dx = (g - column_sum(g) / g.shape[0] - xhat * (dxhat_xhat / g.shape[0])) * self.inv_std
         return nchw_view(dx.reshape(shape))
 
 
@@ -1142,13 +1189,12 @@ def channel_stats(images, chunk=5000):
 
 
 def normalize(batch, mean, std):
-    """uint8 (B, C, H, W) -> float32 (mean 0, std 1 per channel), in channels-last
-    memory (what the first convolution wants), seen as NCHW."""
-    x = np.empty((batch.shape[0],) + batch.shape[2:] + batch.shape[1:2], np.float32)  # x: (B, H, W, C)
-    x[...] = batch.transpose(0, 2, 3, 1)
-    x -= mean
-    x *= 1 / std
-    return nchw_view(x)
+    """uint8 (B, C, H, W) -> float32 with mean 0 and standard deviation 1 per channel.
+    NCHW memory: the first convolution builds its im2col matrix fastest from it."""
+    x = batch.astype(np.float32)                                   # x: (B, C, H, W)
+    x -= mean[:, None, None]
+    x *= (1 / std)[:, None, None]
+    return x
 
 
 def random_crop(batch, pad, rng, mode="reflect"):
