@@ -29,7 +29,7 @@ def rel_error(a, b):
 def check_layer_gradients(layer, x, tolerance=1e-6, seed=0):
     """Compare backward() with central differences of f = sum(forward(x) * G) for
     the input and every parameter; returns the largest relative error."""
-    x = np.ascontiguousarray(x, np.float64)
+    x = x.astype(np.float64, copy=False)  # keeps the memory layout
     upstream = np.random.default_rng(seed).standard_normal(layer.forward(x).shape)
     layer.forward(x)
     dx = layer.backward(upstream)
@@ -59,11 +59,16 @@ def away_from_zero(shape, seed=0):
 
 @pytest.mark.parametrize("impl", ["loop", "fast"])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 0), (2, 1)])
-def test_conv_gradients(impl, stride, padding):
+@pytest.mark.parametrize("channels", [(3, 4), (4, 3), (9, 2)])  # fast: scatter (C < F), full conv (C >= F)
+def test_conv_gradients(impl, stride, padding, channels):
     rng = np.random.default_rng(1)
-    layer = cnn.Conv2D(3, 4, 3, stride=stride, padding=padding, impl=impl, dtype=np.float64, rng=rng)
-    layer.params["b"][:] = rng.standard_normal(4)
-    check_layer_gradients(layer, rng.standard_normal((2, 3, 7, 6)))  # 7 x 6: odd, non-square
+    c, f = channels
+    layer = cnn.Conv2D(c, f, 3, stride=stride, padding=padding, impl=impl, dtype=np.float64, rng=rng)
+    layer.params["b"][:] = rng.standard_normal(f)
+    x = rng.standard_normal((2, c, 7, 6))  # 7 x 6: odd, non-square
+    check_layer_gradients(layer, x)
+    if impl == "fast":  # channels-last memory input: the other im2col layout
+        check_layer_gradients(layer, cnn.nchw_view(cnn.nhwc(x)))
 
 
 @pytest.mark.parametrize("impl", ["loop", "fast"])
