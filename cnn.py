@@ -1806,13 +1806,145 @@ def run_script(args, *, name, title, dataset, build, recipe):
     return metrics
 
 
+def _best_time(fn, repeats=3, budget=2.0):
+    """Smallest wall time of fn() over a few runs (fewer if one run is slow)."""
+    fn()
+    best, spent = float("inf"), 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > budget:
+            break
+    return best
+
+
+def matmul_gflops(n=2048):
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    return 2 * n ** 3 / _best_time(lambda: a @ a, 5) / 1e9
+
+
+def _conv_flops(layer, x_shape, y_shape, input_grad):
+    """Multiply-adds x 2 of the forward pass, and of the backward (dW, plus dx)."""
+    forward = 2 * np.prod(y_shape) * layer.in_channels * layer.kh * layer.kw
+    return forward, forward * (2 if input_grad else 1)
+
+
+def bench_layers(name, model, x, loop_images=1):
+    """Time every convolution and pooling layer of model on batch x, fast and loop."""
+    model.train()
+    stop = next(i for i, layer in enumerate(model.layers) if layer.params and getattr(layer, "trainable", True))
+    inputs = []
+    for layer in model.layers:
+        inputs.append(x)
+        x = layer.forward(x)
+    rows = []
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer, (Conv2D, MaxPool2D)):
+            continue
+        xi = inputs[i]
+        y = layer.forward(xi)
+        g = nchw_view(np.ones(y.shape[:1] + y.shape[2:] + y.shape[1:2], y.dtype))
+        kwargs = {"input_grad": i != stop} if isinstance(layer, Conv2D) else {}
+        t_fwd = _best_time(lambda: layer.forward(xi))
+        layer.forward(xi)
+        t_bwd = _best_time(lambda: layer.backward(g, **kwargs))
+        loop = MaxPool2D(layer.k, layer.stride, impl="loop") if isinstance(layer, MaxPool2D) else \
+            Conv2D(layer.in_channels, layer.out_channels, (layer.kh, layer.kw), layer.stride, layer.padding,
+                   impl="loop")
+        small = np.ascontiguousarray(xi[:loop_images])
+        start = time.perf_counter()
+        ys = loop.forward(small)
+        loop.backward(np.ones_like(ys), **kwargs)
+        t_loop = (time.perf_counter() - start) * len(xi) / loop_images
+        row = f"  {name:<10}{layer!r:<44}{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}"
+        if isinstance(layer, Conv2D):
+            f_fwd, f_bwd = _conv_flops(layer, xi.shape, y.shape, kwargs["input_grad"])
+            rate = (f_fwd + f_bwd) / (t_fwd + t_bwd) / 1e9
+            rows.append((row + f"{rate:9.1f}", rate))
+        else:
+            rows.append((row + f"{'':9}", None))
+        rows[-1] = (rows[-1][0], rows[-1][1], t_loop, t_fwd + t_bwd)
+    return rows
+
+
+def bench_network(model, x, labels, batch_size, epoch_images, steps):
+    """Training images/s (shuffled batch in, SGD step out), inference images/s."""
+    loss_fn = SoftmaxCrossEntropy()
+    optimizer = SGD(model.parameters(), 0.01, momentum=0.9)
+    images = np.random.default_rng(0).integers(0, 256, (batch_size,) + x.shape[1:]).astype(np.uint8)
+    mean, std = np.full(x.shape[1], 120, np.float32), np.full(x.shape[1], 60, np.float32)
+
+    def train_steps():
+        model.train()
+        for _ in range(steps):
+            logits = model.forward(normalize(images, mean, std))
+            loss_fn.forward(logits, labels[:batch_size])
+            model.backward(loss_fn.backward())
+            optimizer.step()
+    train_rate = steps * batch_size / _best_time(train_steps, 2)
+    test = np.random.default_rng(1).integers(0, 256, (2000,) + x.shape[1:]).astype(np.uint8)
+    infer_rate = len(test) / _best_time(lambda: predict_logits(model, test, mean, std), 2)
+    return train_rate, infer_rate, epoch_images / train_rate
+
+
+def bench(argv):
+    """Print the machine's matmul ceiling, per-layer speed (fast vs loop) and
+    per-network throughput.  Needs the train_*.py scripts beside this file."""
+    try:
+        import train_cifar
+        import train_fashion
+        import train_mnist
+    except ImportError:
+        print("error: bench needs train_mnist.py, train_fashion.py and train_cifar.py beside cnn.py",
+              file=sys.stderr)
+        return 2
+    started = time.time()
+    rng = np.random.default_rng(0)
+    peak = matmul_gflops()
+    print(f"machine: {os.cpu_count()} cores, NumPy {np.__version__}; float32 matmul 2048x2048: "
+          f"{peak:.0f} GFLOP/s (the ceiling below)\n")
+    networks = [  # name, model, input shape, default batch, images per epoch, bench steps, layer batch
+        ("net1", train_mnist.network(1, "fast", rng), (1, 28, 28), 64, 60000, 20, 64),
+        ("net2", train_mnist.network(2, "fast", rng), (1, 28, 28), 64, 60000, 20, 64),
+        ("fashion", train_fashion.network("fast", rng), (1, 28, 28), 64, 60000, 20, 64),
+        ("net3", train_cifar.network3("fast", rng), (3, 32, 32), 64, 50000, 20, 64),
+        ("net4", train_cifar.network4("fast", rng), (3, 32, 32), 512, 50000, 2, 256),
+    ]
+    print(f"  {'network':<10}{'layer (fast; loop on 1 image, scaled)':<44}{'fwd ms':>8}{'bwd ms':>8}"
+          f"{'GFLOP/s':>9}{'% peak':>8}{'loop ms':>10}{'speed-up':>9}")
+    for name, model, shape, _, _, _, layer_batch in networks:
+        if name in ("net1", "fashion"):
+            continue
+        x = normalize(rng.integers(0, 256, (layer_batch,) + shape).astype(np.uint8),
+                      np.full(shape[0], 120, np.float32), np.full(shape[0], 60, np.float32))
+        if name == "net4":
+            train_cifar.init4(model, x)
+        for row, rate, t_loop, t_fast in bench_layers(f"{name} N={layer_batch}", model, x):
+            percent = f"{100 * rate / peak:7.0f}%" if rate else f"{'':8}"
+            print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x")
+    print(f"\n  {'network':<10}{'batch':>6}{'train img/s':>13}{'infer img/s':>13}{'s/epoch':>9}  (epoch: 60,000 MNIST / 50,000 CIFAR-10 images)")
+    labels = rng.integers(0, 10, 1024)
+    for name, model, shape, batch, epoch_images, steps, _ in networks:
+        x = np.zeros((1,) + shape, np.float32)
+        if name == "net4":
+            train_cifar.init4(model, normalize(rng.integers(0, 256, (64,) + shape).astype(np.uint8),
+                                               np.full(3, 120, np.float32), np.full(3, 60, np.float32)))
+        train_rate, infer_rate, epoch = bench_network(model, x, labels, batch, epoch_images, steps)
+        print(f"  {name:<10}{batch:>6}{train_rate:>13,.0f}{infer_rate:>13,.0f}{epoch:>9.1f}")
+    print(f"\nbench took {time.time() - started:.0f} s")
+    return 0
+
+
 USAGE = """usage: python cnn.py bench     measure the layers and networks on this machine
        (training: python train_mnist.py --net 1|2, train_fashion.py, train_cifar.py --net 3|4)"""
 
 
 def main(argv):
     if argv[:1] == ["bench"]:
-        return bench(argv[1:])
+        import cnn  # the scripts' networks are built from the module "cnn", not "__main__"
+        return cnn.bench(argv[1:])
     print(USAGE)
     return 0 if not argv else 2
 

@@ -5,8 +5,10 @@
 """
 from cnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, parse_options, run_script
 
-RECIPES = {None: dict(epochs=3, batch_size=64, lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                   schedule="cosine")}
+# Chosen on the validation split: batch 32 with a short warm-up and linear decay beat
+# batch 64 with a cosine schedule, Adam, label smoothing and random flips.
+RECIPES = {None: dict(epochs=3, batch_size=32, lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                      schedule="warmup_linear", warmup=0.1)}
 
 
 def network(impl, rng):
