@@ -236,8 +236,10 @@ class Conv2D(Layer):
         spread = np.zeros((n, hp + kh - 1, wp + kw - 1, f), g.dtype)  # spread: (N, Hp+kh-1, Wp+kw-1, F)
         spread[:, kh - 1:kh - 1 + s * (ho - 1) + 1:s, kw - 1:kw - 1 + s * (wo - 1) + 1:s] = g
         w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
-        dxpad = (im2col(spread, kh, kw, 1) @ w_flipped).reshape(n, hp, wp, c)
-        return nchw_view(dxpad[:, p:p + h, p:p + w])
+        # Only the windows of the unpadded pixels: the padding's gradient is not needed.
+        spread = spread[:, p:p + h + kh - 1, p:p + w + kw - 1]
+        dx = (im2col(spread, kh, kw, 1) @ w_flipped).reshape(n, h, w, c)
+        return nchw_view(dx)
 
     def _input_grad_scatter(self, g2, ho, wo):
         """col2im, the same input gradient by the other route: dcols = g @ Wmat^T,

@@ -719,3 +719,83 @@ def test_cnn_py_alone_imports_with_numpy_only(tmp_path):
     assert result.returncode == 0 and "Conv2D(1, 2" in result.stdout, result.stderr
     result = subprocess.run([sys.executable, "cnn.py"], cwd=tmp_path, capture_output=True, text=True)
     assert result.stdout.startswith("usage: python cnn.py")
+
+
+# --------------------------------------------------------------------------- network 4 pieces
+
+
+def test_whitening_filters_whiten_the_patches():
+    rng = np.random.default_rng(12)
+    mixing = rng.standard_normal((3, 3))  # correlated channels, and neighbouring pixels via blur
+    x = np.einsum("ij,njhw->nihw", mixing, rng.standard_normal((40, 3, 12, 12)))
+    x = x + np.roll(x, 1, axis=3)
+    filters = cnn.whitening_filters(x, 2, eps=0.0)
+    assert filters.shape == (24, 3, 2, 2)
+    assert np.array_equal(filters[12:], -filters[:12])
+    conv = cnn.Conv2D(3, 12, 2, bias=False, dtype=np.float64)
+    conv.params["W"][:] = filters[:12]
+    out = cnn.nhwc(conv.forward(x)).reshape(-1, 12)
+    covariance = out.T @ out / len(out)
+    assert np.allclose(covariance, np.eye(12), atol=1e-8)
+
+
+def test_dirac_init_passes_channels_through():
+    conv = cnn.Conv2D(3, 5, 3, padding=1, bias=False, dtype=np.float64)
+    cnn.dirac_init(conv)
+    x = np.random.default_rng(13).standard_normal((2, 3, 6, 7))
+    y = conv.forward(x)
+    assert np.array_equal(y[:, :3], x)
+
+
+def test_frozen_first_layer_gets_no_gradient_and_is_not_updated():
+    rng = np.random.default_rng(14)
+    whiten = cnn.Conv2D(2, 4, 2, bias=False, dtype=np.float64, rng=rng)
+    whiten.trainable = False
+    model = cnn.Sequential(whiten, cnn.GELU(), cnn.Conv2D(4, 3, 3, dtype=np.float64, rng=rng),
+                           cnn.GlobalMaxPool2D(), cnn.Dense(3, 2, dtype=np.float64, rng=rng))
+    assert [name for name, _, _ in model.parameters()] == ["2.Conv2D.W", "2.Conv2D.b", "4.Dense.W", "4.Dense.b"]
+    x = rng.standard_normal((2, 2, 7, 7))
+    before = whiten.params["W"].copy()
+    loss_fn = cnn.SoftmaxCrossEntropy()
+    loss_fn.forward(model.forward(x), np.array([0, 1]))
+    assert model.backward(loss_fn.backward()) is None  # stops at the first trained layer
+    assert whiten.grads == {}
+    cnn.SGD(model.parameters(), 0.1).step()
+    assert np.array_equal(whiten.params["W"], before)
+    dx = model.backward(loss_fn.backward(), input_grad=True)  # still available on request
+    assert dx.shape == x.shape
+
+
+def test_lr_scale_does_not_scale_weight_decay():
+    layer = cnn.Dense(1, 1, bias=False, dtype=np.float64)
+    layer.params["W"][:] = 2.0
+    layer.grads["W"] = np.array([[0.5]])
+    layer.lr_scale = 10.0
+    cnn.SGD([("w", layer, "W")], lr=0.01, weight_decay=0.1).step()
+    # step = lr * scale * g + lr * wd * p = 0.01 * 10 * 0.5 + 0.01 * 0.1 * 2
+    assert layer.params["W"][0, 0] == pytest.approx(2.0 - 0.05 - 0.002)
+
+
+def test_warmup_starts_at_initial_fraction():
+    s = cnn.warmup_linear_lr(1.0, total_steps=100, warmup=0.2, final_fraction=0.07, initial_fraction=0.2)
+    assert s(0) == pytest.approx(0.2 + 0.8 / 20) and s(19) == pytest.approx(1.0) and s(99) == pytest.approx(0.07)
+
+
+def test_test_time_augmentation_averages_the_mirror_image():
+    rng = np.random.default_rng(15)
+    model = cnn.Sequential(cnn.Conv2D(3, 4, 3, rng=rng), cnn.ReLU(), cnn.Flatten(), cnn.Dense(4 * 4 * 2, 3, rng=rng))
+    images = rng.integers(0, 256, (5, 3, 6, 4)).astype(np.uint8)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    plain = cnn.predict_logits(model, images, mean, std)
+    mirrored = cnn.predict_logits(model, images[..., ::-1], mean, std)
+    assert np.allclose(cnn.predict_logits(model, images, mean, std, tta=True), (plain + mirrored) / 2, atol=1e-5)
+
+
+def test_cifar_net4_smoke(tmp_path):
+    data = tmp_path / "data"
+    write_cifar(str(data), per_batch=30)
+    out = tmp_path / "out"
+    result = run("train_cifar.py", "--net", "4", "--data-dir", str(data), "--epochs", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = check_outputs(out)
+    assert "without_tta" in metrics and metrics["wall_seconds"] > 0 and metrics["peak_memory_mb"] > 0
