@@ -1311,13 +1311,17 @@ def predict_logits(model, images, mean, std, batch_size=1000, tta=False):
     return np.concatenate(out)
 
 
-def evaluate(model, images, labels, mean, std, batch_size=1000, tta=False):
-    """(mean cross-entropy, accuracy, predicted classes) on a whole set."""
-    logits = predict_logits(model, images, mean, std, batch_size, tta)
+def score(logits, labels):
+    """(mean cross-entropy, accuracy, predicted classes) of logits against labels."""
     labels = np.asarray(labels).astype(np.int64)
     loss = float(-log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels].mean())
     predictions = logits.argmax(axis=1)
     return loss, float((predictions == labels).mean()), predictions
+
+
+def evaluate(model, images, labels, mean, std, batch_size=1000, tta=False):
+    """(mean cross-entropy, accuracy, predicted classes) on a whole set."""
+    return score(predict_logits(model, images, mean, std, batch_size, tta), labels)
 
 
 class Progress:
@@ -1778,11 +1782,13 @@ def run_script(args, *, name, title, dataset, build, recipe):
         sys.exit(130)
 
     tta = recipe.get("tta", False)
-    test_loss, test_acc, predictions = evaluate(model, test_images, test_labels, mean, std)
+    logits = predict_logits(model, test_images, mean, std)
+    test_loss, test_acc, predictions = score(logits, test_labels)
     results = dict(test_loss=test_loss, test_accuracy=test_acc)
-    if tta:
+    if tta:  # average with the logits of the mirror images
         plain = dict(results)
-        test_loss, test_acc, predictions = evaluate(model, test_images, test_labels, mean, std, tta=True)
+        logits = 0.5 * (logits + predict_logits(model, test_images[..., ::-1], mean, std))
+        test_loss, test_acc, predictions = score(logits, test_labels)
         results = dict(test_loss=test_loss, test_accuracy=test_acc, without_tta=plain)
     labels = np.asarray(test_labels).astype(np.int64)
     cm = confusion_matrix(labels, predictions, len(classes))
