@@ -105,6 +105,7 @@ class Conv2D(Layer):
         if bias:
             self.params["b"] = np.zeros(out_channels, dtype)
         self.trainable = True  # False: fixed weights (no weight gradient, no update)
+        self.buffers = {}      # im2col matrices reused from call to call, see scratch()
 
     def __repr__(self):
         return (f"Conv2D({self.in_channels}, {self.out_channels}, ({self.kh}, {self.kw}), "
@@ -195,12 +196,15 @@ class Conv2D(Layer):
         n, c, h, w = x.shape
         ho, wo = self.output_size(h, w)
         f = self.out_channels
+        buffers = self.buffers if self.training else {}  # evaluation keeps nothing
         if x.flags.c_contiguous and c < 8:      # NCHW memory: rows of cols^T are image rows
-            cols_t = im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride)  # (C*kh*kw, N*Ho*Wo)
+            cols_t = scratch(buffers, "cols", (c * self.kh * self.kw, n * ho * wo), x.dtype)  # (C*kh*kw, N*Ho*Wo)
+            im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride, out=cols_t)
             y = cols_t.T @ W.reshape(f, -1).T                      # y: (N*Ho*Wo, F)
             cache = ("t", cols_t)
         else:                                   # channels-last memory
-            cols = im2col(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride)  # (N*Ho*Wo, kh*kw*C)
+            cols = scratch(buffers, "cols", (n * ho * wo, self.kh * self.kw * c), x.dtype)  # (N*Ho*Wo, kh*kw*C)
+            im2col(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, out=cols)
             y = cols @ W.transpose(2, 3, 1, 0).reshape(-1, f)      # y: (N*Ho*Wo, F)
             cache = ("nhwc", cols)
         if "b" in self.params:
@@ -238,7 +242,8 @@ class Conv2D(Layer):
         w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
         # Only the windows of the unpadded pixels: the padding's gradient is not needed.
         spread = spread[:, p:p + h + kh - 1, p:p + w + kw - 1]
-        dx = (im2col(spread, kh, kw, 1) @ w_flipped).reshape(n, h, w, c)
+        spread_cols = scratch(TRANSIENT, "grad_cols", (n * h * w, kh * kw * f), g.dtype)
+        dx = (im2col(spread, kh, kw, 1, spread_cols) @ w_flipped).reshape(n, h, w, c)
         return nchw_view(dx)
 
     def _input_grad_scatter(self, g2, ho, wo):
@@ -248,7 +253,8 @@ class Conv2D(Layer):
         kh*kw*C columns instead of kh*kw*F."""
         W, s, p = self.params["W"], self.stride, self.padding
         n, c, h, w = self.x_shape
-        dcols = (g2 @ W.transpose(2, 3, 1, 0).reshape(-1, self.out_channels).T)
+        dcols = np.matmul(g2, W.transpose(2, 3, 1, 0).reshape(-1, self.out_channels).T,
+                          out=scratch(TRANSIENT, "grad_cols", (len(g2), self.kh * self.kw * c), g2.dtype))
         dcols = dcols.reshape(n, ho, wo, self.kh, self.kw, c)       # dcols: (N, Ho, Wo, kh, kw, C)
         dxpad = np.zeros((n, h + 2 * p, w + 2 * p, c), dcols.dtype)  # dxpad: (N, H+2p, W+2p, C)
         for u in range(self.kh):
@@ -267,21 +273,43 @@ def pad_hw(x, p, axes=(1, 2)):
     return np.pad(x, widths)
 
 
-def im2col(x, kh, kw, stride):
+TRANSIENT = {}  # work arrays needed only within one call, shared by all layers
+
+
+def scratch(buffers, name, shape, dtype):
+    """An uninitialised work array of this shape, kept in buffers[name] from call to
+    call.  NumPy gets arrays of tens of megabytes fresh from the operating system
+    each time, and first touching their pages costs about as much as the copy that
+    fills them (measured on network 4's first block: 31 ms into a reused buffer,
+    57 ms into a fresh one).  A layer's own buffers hold what its backward needs from the last
+    forward; TRANSIENT ones are overwritten by the next call of any layer."""
+    size = math.prod(shape)
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = buffers[name] = np.empty(size, dtype)
+    return buffer[:size].reshape(shape)
+
+
+def im2col(x, kh, kw, stride, out):
     """x: (N, H, W, C) -> cols: (N*Ho*Wo, kh*kw*C), row r = receptive field of output
-    pixel r in (u, v, c) order.  sliding_window_view makes the windows without
-    copying; one reshaping copy then lays them out as matrix rows."""
+    pixel r in (u, v, c) order, written into out.  sliding_window_view makes the
+    windows without copying; one copy then lays them out as matrix rows."""
     windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # (N, Ho', Wo', C, kh, kw)
-    windows = windows[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)
-    return windows.reshape(-1, kh * kw * x.shape[3])
+    windows = windows[:, ::stride, ::stride].transpose(0, 1, 2, 4, 5, 3)     # (N, Ho, Wo, kh, kw, C)
+    np.copyto(out.reshape(windows.shape), windows)
+    return out
 
 
-def im2col_t(x, kh, kw, stride):
+def im2col_t(x, kh, kw, stride, out=None):
     """x: (N, C, H, W) -> cols^T: (C*kh*kw, N*Ho*Wo), the transpose of im2col's
-    matrix built from NCHW memory: each copy moves a run of Wo neighbouring pixels."""
+    matrix built from NCHW memory (written into out if given): each copy moves a
+    run of Wo neighbouring pixels."""
     windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))  # (N, C, Ho', Wo', kh, kw)
-    windows = windows[:, :, ::stride, ::stride].transpose(1, 4, 5, 0, 2, 3)
-    return windows.reshape(x.shape[1] * kh * kw, -1)
+    windows = windows[:, :, ::stride, ::stride].transpose(1, 4, 5, 0, 2, 3)  # (C, kh, kw, N, Ho, Wo)
+    if out is None:
+        return windows.reshape(x.shape[1] * kh * kw, -1)
+    np.copyto(out.reshape(windows.shape), windows)
+    return out
 
 
 def column_sum(a):
@@ -1866,7 +1894,7 @@ def bench_layers(name, model, x, loop_images=1):
         ys = loop.forward(small)
         loop.backward(np.ones_like(ys), **kwargs)
         t_loop = (time.perf_counter() - start) * len(xi) / loop_images
-        row = f"  {name:<10}{layer!r:<44}{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}"
+        row = f"  {name:<11}{layer!r:<44}{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}"
         if isinstance(layer, Conv2D):
             f_fwd, f_bwd = _conv_flops(layer, xi.shape, y.shape, kwargs["input_grad"])
             rate = (f_fwd + f_bwd) / (t_fwd + t_bwd) / 1e9
@@ -1920,7 +1948,7 @@ def bench(argv):
         ("net3", train_cifar.network3("fast", rng), (3, 32, 32), 64, 50000, 20, 64),
         ("net4", train_cifar.network4("fast", rng), (3, 32, 32), 512, 50000, 2, 256),
     ]
-    print(f"  {'network':<10}{'layer (fast; loop on 1 image, scaled)':<44}{'fwd ms':>8}{'bwd ms':>8}"
+    print(f"  {'network':<11}{'layer (fast; loop on 1 image, scaled)':<44}{'fwd ms':>8}{'bwd ms':>8}"
           f"{'GFLOP/s':>9}{'% peak':>8}{'loop ms':>10}{'speed-up':>9}")
     for name, model, shape, _, _, _, layer_batch in networks:
         if name in ("net1", "fashion"):

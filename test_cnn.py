@@ -100,6 +100,9 @@ def test_maxpool_first_maximum_gets_the_gradient_and_overlaps_accumulate():
         pool = cnn.MaxPool2D(2, impl=impl)
         pool.forward(ties)
         assert np.array_equal(pool.backward(np.ones((1, 1, 1, 1)))[0, 0], [[1, 0], [0, 0]]), impl
+        diagonal = np.array([[[[1.0, 5.0], [5.0, 1.0]]]])  # first in row-major order: top right
+        pool.forward(diagonal)
+        assert np.array_equal(pool.backward(np.ones((1, 1, 1, 1)))[0, 0], [[0, 1], [0, 0]]), impl
 
 
 @pytest.mark.parametrize("stride,padding,size", [(1, 0, (8, 7)), (2, 1, (9, 10)), (1, 1, (5, 5))])
