@@ -274,6 +274,7 @@ def pad_hw(x, p, axes=(1, 2)):
 
 
 TRANSIENT = {}  # work arrays needed only within one call, shared by all layers
+
 # Evaluation batch size: measured here, batches of 256 infer 20 to 40 % faster than
 # batches of 1,000 on networks 2 to 4 (smaller work arrays, less memory traffic) and
 # are still large enough for BLAS.
@@ -285,8 +286,9 @@ def scratch(buffers, name, shape, dtype):
     call.  NumPy gets arrays of tens of megabytes fresh from the operating system
     each time, and first touching their pages costs about as much as the copy that
     fills them (measured on network 4's first block: 31 ms into a reused buffer,
-    57 ms into a fresh one).  A layer's own buffers hold what its backward needs from the last
-    forward; TRANSIENT ones are overwritten by the next call of any layer."""
+    57 ms into a fresh one).  A layer's own buffers hold what its backward needs
+    from the last forward; TRANSIENT ones are overwritten by the next call of any
+    layer."""
     size = math.prod(shape)
     buffer = buffers.get(name)
     if buffer is None or buffer.size < size or buffer.dtype != dtype:
@@ -1331,8 +1333,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def predict_logits(model, images, mean, std, batch_size=EVAL_BATCH, tta=False):
-    """Logits for uint8 images, in evaluation mode.  tta=True
-    averages the logits of each image and its mirror image (test-time augmentation)."""
+    """Logits for uint8 images, in evaluation mode.  tta=True averages the logits
+    of each image and its mirror image (test-time augmentation)."""
     out = []
     for i in range(0, len(images), batch_size):
         batch = np.asarray(images[i:i + batch_size])
