@@ -794,6 +794,56 @@ def test_test_time_augmentation_averages_the_mirror_image():
     assert np.allclose(cnn.predict_logits(model, images, mean, std, tta=True), (plain + mirrored) / 2, atol=1e-5)
 
 
+def test_test_time_augmentation_level_2_adds_the_shifted_pairs():
+    rng = np.random.default_rng(16)
+    model = cnn.Sequential(cnn.Conv2D(3, 4, 3, rng=rng), cnn.ReLU(), cnn.Flatten(), cnn.Dense(4 * 4 * 2, 3, rng=rng))
+    images = rng.integers(0, 256, (5, 3, 6, 4)).astype(np.uint8)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    padded = np.pad(images, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    up_left, down_right = padded[:, :, :6, :4], padded[:, :, 2:, 2:]
+    assert np.array_equal(up_left[:, :, 1:, 1:], images[:, :, :-1, :-1])  # content moved by one pixel
+    pair = [cnn.predict_logits(model, v, mean, std, tta=1) for v in (images, up_left, down_right)]
+    expected = 0.5 * pair[0] + 0.25 * (pair[1] + pair[2])
+    assert np.allclose(cnn.predict_logits(model, images, mean, std, tta=2), expected, atol=1e-5)
+
+
+def lookahead_setup(total_steps):
+    layer = cnn.Dense(1, 1, bias=False, dtype=np.float64)
+    layer.params["W"][:] = 1.0
+    layer.grads["W"] = np.array([[1.0]])
+    model = cnn.Sequential(layer)
+    return layer, cnn.Lookahead(cnn.SGD(model.parameters(), lr=0.1), model, total_steps, every=2, decay=0.5)
+
+
+def test_lookahead_pulls_the_weights_to_the_slow_copy():
+    layer, opt = lookahead_setup(total_steps=4)
+    opt.lr = 0.1
+    assert opt.optimizer.lr == 0.1
+    opt.step()                                  # fast 0.9, slow 1.0
+    assert layer.params["W"][0, 0] == pytest.approx(0.9)
+    opt.step()                                  # fast 0.8; d = 0.5 * (2/4)^3 = 1/16
+    slow = 1.0 + (1 - 1 / 16) * (0.8 - 1.0)
+    assert layer.params["W"][0, 0] == pytest.approx(slow)
+    assert opt.state["slow/0.Dense.W"][0, 0] == pytest.approx(slow)
+    opt.step()
+    opt.step()                                  # last step: d = 0.5, then the model keeps slow
+    expected = slow + 0.5 * ((slow - 0.2) - slow)
+    assert layer.params["W"][0, 0] == pytest.approx(expected)
+    assert opt.state["slow/0.Dense.W"][0, 0] == pytest.approx(expected)
+
+
+def test_lookahead_state_survives_a_checkpoint(tmp_path):
+    layer, opt = lookahead_setup(total_steps=10)
+    for _ in range(3):
+        opt.step()
+    path = str(tmp_path / "m.npz")
+    cnn.save_checkpoint(path, cnn.Sequential(layer), opt, {"optimizer_t": opt.t})
+    layer2, opt2 = lookahead_setup(total_steps=10)
+    cnn.load_checkpoint(path, cnn.Sequential(layer2), opt2)
+    assert opt2.t == 3 and opt2.state["slow/0.Dense.W"] == pytest.approx(opt.state["slow/0.Dense.W"])
+    assert layer2.params["W"] == pytest.approx(layer.params["W"])
+
+
 def test_cifar_net4_smoke(tmp_path):
     data = tmp_path / "data"
     write_cifar(str(data), per_batch=30)
@@ -802,3 +852,16 @@ def test_cifar_net4_smoke(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = check_outputs(out)
     assert "without_tta" in metrics and metrics["wall_seconds"] > 0 and metrics["peak_memory_mb"] > 0
+
+
+def test_val_zero_trains_on_every_image(tmp_path):
+    data = tmp_path / "data"
+    write_cifar(str(data), per_batch=30)
+    out = tmp_path / "out"
+    result = run("train_cifar.py", "--net", "3", "--data-dir", str(data), "--epochs", "1", "--val", "0",
+                 "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "150 training, 0 validation" in result.stderr and "val loss" not in result.stdout + result.stderr
+    assert (out / "learning_curve.png").is_file()
+    bad = run("train_cifar.py", "--val", "-1", "--data-dir", str(data))
+    assert bad.returncode == 2 and "--val: must be zero or more, got -1" in bad.stderr
