@@ -807,6 +807,18 @@ def test_test_time_augmentation_level_2_adds_the_shifted_pairs():
     assert np.allclose(cnn.predict_logits(model, images, mean, std, tta=2), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["fast", "loop"])
+def test_relu_and_max_pool_commute_with_their_gradients(impl):
+    # the scripts apply ReLU after pooling; it must be the very same function and gradient
+    rng = np.random.default_rng(17)
+    x = rng.integers(-3, 3, (2, 3, 6, 5)).astype(np.float64)  # many ties, all-negative windows
+    g = rng.standard_normal((2, 3, 3, 2))
+    relu_first = cnn.Sequential(cnn.ReLU(), cnn.MaxPool2D(2, impl=impl))
+    pool_first = cnn.Sequential(cnn.MaxPool2D(2, impl=impl), cnn.ReLU())
+    assert np.array_equal(relu_first(x), pool_first(x))
+    assert np.array_equal(relu_first.backward(g, input_grad=True), pool_first.backward(g, input_grad=True))
+
+
 def lookahead_setup(total_steps):
     layer = cnn.Dense(1, 1, bias=False, dtype=np.float64)
     layer.params["W"][:] = 1.0

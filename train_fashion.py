@@ -11,9 +11,9 @@ RECIPES = {None: dict(epochs=3, batch_size=32, lr=0.03, momentum=0.9, nesterov=T
                       schedule="warmup_linear", warmup=0.1)}
 
 
-def network(impl, rng):
+def network(impl, rng):  # ReLU after MaxPool: the same function, see train_mnist.py
     return Sequential(
-        Conv2D(1, 6, 3, padding=1, impl=impl, rng=rng), ReLU(), MaxPool2D(2, impl=impl),  # 6 x 14 x 14
+        Conv2D(1, 6, 3, padding=1, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),  # 6 x 14 x 14
         Flatten(), Dense(1176, 100, rng=rng), ReLU(), Dense(100, 10, rng=rng))
 
 
