@@ -1655,7 +1655,8 @@ def draw_learning_curve(history, test_loss, title, path, size=(900, 560)):
             draw.line(points, fill=color, width=3, joint="curve")
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    legend = series + [(f"test error (final) {test_loss:.3f}", (210, 40, 40), None)]
+    shown = [entry for entry in series if any(math.isfinite(v) for v in entry[2])]  # no --val 0 line
+    legend = shown + [(f"test error (final) {test_loss:.3f}", (210, 40, 40), None)]
     lx, ly = right - 250, top + 10
     draw.rectangle([lx - 10, ly - 8, right - 8, ly + 22 * len(legend)], fill="white", outline=(180, 180, 180))
     for i, (name, color, _) in enumerate(legend):
