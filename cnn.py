@@ -234,7 +234,7 @@ class Conv2D(Layer):
             self._set_grads(np.ascontiguousarray(dW), column_sum(g2))
         if not input_grad:
             return None
-        if c < f:
+        if 4 * c <= f:  # strongly expanding layer (e.g. 1 -> 16): col2im copies less
             return self._input_grad_scatter(g2, ho, wo)
         hp, wp = h + 2 * p, w + 2 * p
         spread = np.zeros((n, hp + kh - 1, wp + kw - 1, f), g.dtype)  # spread: (N, Hp+kh-1, Wp+kw-1, F)
@@ -249,8 +249,10 @@ class Conv2D(Layer):
     def _input_grad_scatter(self, g2, ho, wo):
         """col2im, the same input gradient by the other route: dcols = g @ Wmat^T,
         then each of the kh*kw column blocks is added onto its shifted slice of the
-        input.  Cheaper than the full convolution when C < F: the copied matrix has
-        kh*kw*C columns instead of kh*kw*F."""
+        input.  Cheaper than the full convolution when C is much smaller than F: the
+        matrix has kh*kw*C columns instead of kh*kw*F.  But its kh*kw additions move
+        runs of only C numbers, so with F = 2C the full convolution wins (measured:
+        8 -> 16 channels, 2.2 vs 3.8 ms for 64 images)."""
         W, s, p = self.params["W"], self.stride, self.padding
         n, c, h, w = self.x_shape
         dcols = np.matmul(g2, W.transpose(2, 3, 1, 0).reshape(-1, self.out_channels).T,

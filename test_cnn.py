@@ -59,7 +59,7 @@ def away_from_zero(shape, seed=0):
 
 @pytest.mark.parametrize("impl", ["loop", "fast"])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 0), (2, 1)])
-@pytest.mark.parametrize("channels", [(3, 4), (4, 3), (9, 2)])  # fast: scatter (C < F), full conv (C >= F)
+@pytest.mark.parametrize("channels", [(1, 4), (3, 4), (4, 3), (9, 2)])  # fast: col2im scatter for (1, 4), else full conv
 def test_conv_gradients(impl, stride, padding, channels):
     rng = np.random.default_rng(1)
     c, f = channels
