@@ -74,10 +74,11 @@ def check_input(layer, x, channels=None, ndim=4):
 
 
 CORES = os.cpu_count() or 1
-_workers = None  # the thread pool of split_batch, started at its first use
+SPLIT_MIN = 1 << 16  # fewer elements than this: threads would cost more than they save
+_workers = None      # the thread pool of split_batch, started at its first use
 
 
-def split_batch(fn, *arrays, min_size=1 << 16):
+def split_batch(fn, *arrays):
     """fn(*parts) on CORES slices of the batch (axis 0) of the arrays, one slice per
     thread, waiting for all of them; None stays None.
 
@@ -87,15 +88,15 @@ def split_batch(fn, *arrays, min_size=1 << 16):
     inside its loops, so threads working on separate slices of the batch run truly
     in parallel: on two cores GELU or im2col take half the time.  fn must write
     only into the slices it is given, so the result is the same, number for number.
-    Below min_size elements starting threads costs more than it saves."""
+    Handing work to a thread costs tens of microseconds, hence SPLIT_MIN."""
     global _workers
     n = len(arrays[0])
-    parts = min(CORES, n) if arrays[0].size >= min_size else 1
+    parts = min(CORES, n) if arrays[0].size >= SPLIT_MIN else 1
     if parts == 1:
         fn(*arrays)
         return
     if _workers is None:
-        _workers = ThreadPoolExecutor(CORES - 1)
+        _workers = ThreadPoolExecutor(max(CORES - 1, 1))
     bounds = [n * i // parts for i in range(parts + 1)]
     slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
     pending = [_workers.submit(fn, *part) for part in slices[1:]]
@@ -245,7 +246,8 @@ class Conv2D(Layer):
             y = cols @ W.transpose(2, 3, 1, 0).reshape(-1, f)      # y: (N*Ho*Wo, F)
             cache = ("nhwc", cols)
         if "b" in self.params:
-            y += self.params["b"]
+            b = self.params["b"]
+            split_batch(lambda y: np.add(y, b, out=y), y)
         if self.training:
             self.cache, self.x_shape = cache, x.shape
         return nchw_view(y.reshape(n, ho, wo, f))
@@ -356,7 +358,8 @@ def im2col_t(x, kh, kw, stride, out=None):
     windows = windows[:, :, ::stride, ::stride].transpose(1, 4, 5, 0, 2, 3)  # (C, kh, kw, N, Ho, Wo)
     if out is None:
         return windows.reshape(x.shape[1] * kh * kw, -1)
-    np.copyto(out.reshape(windows.shape), windows)
+    batch_first = (3, 0, 1, 2, 4, 5)  # split_batch cuts axis 0
+    split_batch(np.copyto, out.reshape(windows.shape).transpose(batch_first), windows.transpose(batch_first))
     return out
 
 
@@ -502,13 +505,16 @@ class ReLU(Layer):
         return "ReLU()"
 
     def forward(self, x):
-        y = np.maximum(x, 0)  # keeps x's memory layout (NumPy's order="K")
+        y = np.empty_like(x)  # keeps x's memory layout
+        split_batch(lambda x, y: np.maximum(x, 0, out=y), x, y)
         if self.training:
             self.y = y
         return y
 
     def backward(self, grad_out):
-        return grad_out * (self.y > 0)
+        dx = np.empty_like(self.y)
+        split_batch(lambda g, y, dx: np.multiply(g, y > 0, out=dx), grad_out, self.y, dx)
+        return dx
 
 
 class GELU(Layer):
@@ -649,7 +655,8 @@ class BatchNorm2D(Layer):
         # Column sums as BLAS products (see column_sum), in place where possible:
         # NumPy's rows.var(axis=0) alone takes longer than this whole forward pass.
         mean = column_sum(rows) / count if self.training else self.running_mean
-        xhat = rows - mean                                         # xhat: (N*H*W, C)
+        xhat = np.empty_like(rows)                                 # xhat: (N*H*W, C)
+        split_batch(lambda rows, xhat: np.subtract(rows, mean, out=xhat), rows, xhat)
         if self.training:
             var = np.einsum("ij,ij->j", xhat, xhat) / count
             m = self.momentum
@@ -658,9 +665,17 @@ class BatchNorm2D(Layer):
         else:
             var = self.running_var
         inv_std = (1.0 / np.sqrt(var + self.eps)).astype(xhat.dtype)
-        xhat *= inv_std
-        y = xhat * self.params["gamma"] if "gamma" in self.params else xhat.copy()
-        y += self.params["beta"]
+        gamma, beta = self.params.get("gamma"), self.params["beta"]
+        y = np.empty_like(xhat)                                    # y: (N*H*W, C)
+
+        def normalize(xhat, y):
+            xhat *= inv_std
+            if gamma is None:
+                np.add(xhat, beta, out=y)
+            else:
+                np.multiply(xhat, gamma, out=y)
+                y += beta
+        split_batch(normalize, xhat, y)
         if self.training:
             self.xhat, self.inv_std = xhat, inv_std
         return nchw_view(y.reshape(xh.shape))
@@ -672,16 +687,21 @@ class BatchNorm2D(Layer):
         xhat, count = self.xhat, g.shape[0]
         self.grads["beta"] = g_sum = column_sum(g)
         g_xhat = np.einsum("ij,ij->j", g, xhat)
+        scale = self.inv_std
         if "gamma" in self.params:
             self.grads["gamma"] = g_xhat
-            gamma = self.params["gamma"]
-            g, g_sum, g_xhat = g * gamma, g_sum * gamma, g_xhat * gamma
-        # d/dx of (x - mean)/std with mean and std depending on the whole batch:
-        #   dx = (g - mean(g) - xhat * mean(g * xhat)) / std
-        dx = xhat * (-g_xhat / count)
-        dx += g
-        dx -= g_sum / count
-        dx *= self.inv_std
+            scale = scale * self.params["gamma"]
+        # d/dx of gamma * (x - mean)/std with mean and std depending on the whole batch:
+        #   dx = gamma / std * (g - mean(g) - xhat * mean(g * xhat))
+        coef, shift = -g_xhat / count, g_sum / count
+        dx = np.empty_like(xhat)                                   # dx: (N*H*W, C)
+
+        def combine(xhat, g, dx):
+            np.multiply(xhat, coef, out=dx)
+            dx += g
+            dx -= shift
+            dx *= scale
+        split_batch(combine, xhat, g, dx)
         return nchw_view(dx.reshape(shape))
 
 

@@ -819,6 +819,38 @@ def test_relu_and_max_pool_commute_with_their_gradients(impl):
     assert np.array_equal(relu_first.backward(g, input_grad=True), pool_first.backward(g, input_grad=True))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_split_batch_over_threads_changes_no_number(monkeypatch, training):
+    # Real batches are split over the cores; these tiny ones only when SPLIT_MIN is 0.
+    # Three uneven parts (1, 2 and 2 images), every layer that splits, and both
+    # im2col layouts and both input-gradient routes of Conv2D.
+    rng = np.random.default_rng(23)
+    model = cnn.Sequential(
+        cnn.Conv2D(3, 8, 3, padding=1, rng=rng), cnn.MaxPool2D(2), cnn.ReLU(),       # NCHW im2col
+        cnn.Conv2D(8, 8, 3, padding=1, bias=False, rng=rng), cnn.BatchNorm2D(8), cnn.GELU(),
+        cnn.Conv2D(8, 32, 3, rng=rng), cnn.BatchNorm2D(32, scale=False),              # col2im scatter
+        cnn.GlobalMaxPool2D(), cnn.Dense(32, 3, rng=rng))
+    x = rng.standard_normal((5, 3, 10, 10)).astype(np.float32)
+    g = rng.standard_normal((5, 3)).astype(np.float32)
+
+    def run():
+        for layer in model.layers:
+            layer.training = training
+        y = model(x)
+        if not training:
+            return [y]
+        dx = model.backward(g, input_grad=True)
+        return [y, dx] + [a.copy() for layer in model.layers for a in layer.grads.values()]
+
+    one_core = run()
+    monkeypatch.setattr(cnn, "SPLIT_MIN", 0)
+    monkeypatch.setattr(cnn, "CORES", 3)
+    split = run()
+    assert len(split) == len(one_core) == (12 if training else 1)
+    for a, b in zip(one_core, split):
+        assert np.array_equal(a, b)
+
+
 def lookahead_setup(total_steps):
     layer = cnn.Dense(1, 1, bias=False, dtype=np.float64)
     layer.params["W"][:] = 1.0
