@@ -19,6 +19,8 @@ Arrays are NCHW, (N, C, H, W), float32 unless the parameters are float64.  The
 fast layers keep their outputs in channels-last *memory* (an NHWC buffer seen
 through a transposed NCHW view): the shapes you see are NCHW, but the next
 convolution or pooling layer can read the buffer as contiguous NHWC without a copy.
+Matrix multiplies use every core through BLAS; the element-wise passes and copies
+over large arrays do too, on slices of the batch handed to threads (split_batch).
 
 Only the standard library and NumPy are imported here; Pillow is imported inside
 the drawing code, so copying this single file into another project just works.
