@@ -1701,13 +1701,16 @@ def draw_learning_curve(history, test_loss, title, path, size=(900, 560)):
     draw = ImageDraw.Draw(image)
     font, small, big = _font(15), _font(13), _font(18)
     left, right, top, bottom = 80, width - 30, 60, height - 60
-    epochs = [h["epoch"] for h in history]
-    series = [("training error", (30, 150, 50), [h["train_loss"] for h in history]),
-              ("validation error", (40, 90, 200), [h["val_loss"] for h in history])]
-    values = [v for _, _, vs in series for v in vs if math.isfinite(v)] + [test_loss]
+    # (name, colour, [(epoch, error)]) without the NaNs of epochs lacking a value;
+    # a series with no value at all (--val 0) is neither drawn nor listed.
+    series = [(name, color, [(h["epoch"], h[key]) for h in history if math.isfinite(h[key])])
+              for name, color, key in (("training error", (30, 150, 50), "train_loss"),
+                                       ("validation error", (40, 90, 200), "val_loss"))]
+    series = [entry for entry in series if entry[2]]
+    values = [v for _, _, pairs in series for _, v in pairs] + [test_loss]
     yticks = _nice_ticks(0.0, max(values) * 1.05)
     ymax = yticks[-1]
-    x_last = max(epochs[-1], 2)
+    x_last = max(history[-1]["epoch"], 2)
     xticks = [t for t in _nice_ticks(1, x_last, 8) if t >= 1 and float(t).is_integer()] or [1]
 
     def px(epoch, value):
@@ -1732,14 +1735,13 @@ def draw_learning_curve(history, test_loss, title, path, size=(900, 560)):
 
     y_test = px(1, test_loss)[1]
     draw.line([(left, y_test), (right, y_test)], fill=(210, 40, 40), width=2)
-    for name, color, vs in series:
-        points = [px(e, v) for e, v in zip(epochs, vs) if math.isfinite(v)]
+    for name, color, pairs in series:
+        points = [px(e, v) for e, v in pairs]
         if len(points) > 1:
             draw.line(points, fill=color, width=3, joint="curve")
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    shown = [entry for entry in series if any(math.isfinite(v) for v in entry[2])]  # no --val 0 line
-    legend = shown + [(f"test error (final) {test_loss:.3f}", (210, 40, 40), None)]
+    legend = series + [(f"test error (final) {test_loss:.3f}", (210, 40, 40), None)]
     lx, ly = right - 250, top + 10
     draw.rectangle([lx - 10, ly - 8, right - 8, ly + 22 * len(legend)], fill="white", outline=(180, 180, 180))
     for i, (name, color, _) in enumerate(legend):
