@@ -1487,13 +1487,16 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def predict_logits(model, images, mean, std, batch_size=EVAL_BATCH, tta=0):
+def predict_logits(model, images, mean, std, batch_size=EVAL_BATCH, tta=0, plain=None):
     """Logits for uint8 images, in evaluation mode, with test-time augmentation:
     tta=1 averages the logits of each image and its mirror image; tta=2 (airbench's
     level 2) gives that pair half the weight and the other half to the same pair
-    shifted one pixel up-left and one pixel down-right (reflect padding)."""
-    def mirrored(batch):
-        logits = model.predict(normalize(batch, mean, std), batch_size)
+    shifted one pixel up-left and one pixel down-right (reflect padding).
+    plain: the logits without augmentation, if a call with tta=0 already computed
+    them, so that they are not computed twice."""
+    def mirrored(batch, logits=None):
+        if logits is None:
+            logits = model.predict(normalize(batch, mean, std), batch_size)
         if tta:
             logits = 0.5 * (logits + model.predict(normalize(batch[..., ::-1], mean, std), batch_size))
         return logits
@@ -1501,7 +1504,7 @@ def predict_logits(model, images, mean, std, batch_size=EVAL_BATCH, tta=0):
     out = []
     for i in range(0, len(images), batch_size):
         batch = np.asarray(images[i:i + batch_size])
-        logits = mirrored(batch)
+        logits = mirrored(batch, None if plain is None else plain[i:i + batch_size])
         if tta >= 2:
             h, w = batch.shape[2:]
             padded = np.pad(batch, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
@@ -1991,11 +1994,13 @@ def run_script(args, *, name, title, dataset, build, recipe):
         sys.exit(130)
 
     tta = recipe.get("tta", 0)
-    test_loss, test_acc, predictions = evaluate(model, test_images, test_labels, mean, std)
+    plain_logits = predict_logits(model, test_images, mean, std)
+    test_loss, test_acc, predictions = score(plain_logits, test_labels)
     results = dict(test_loss=test_loss, test_accuracy=test_acc)
     if tta:
         plain = dict(results)
-        test_loss, test_acc, predictions = evaluate(model, test_images, test_labels, mean, std, tta=tta)
+        logits = predict_logits(model, test_images, mean, std, tta=tta, plain=plain_logits)
+        test_loss, test_acc, predictions = score(logits, test_labels)
         results = dict(test_loss=test_loss, test_accuracy=test_acc, without_tta=plain)
     labels = np.asarray(test_labels).astype(np.int64)
     cm = confusion_matrix(labels, predictions, len(classes))

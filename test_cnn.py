@@ -805,6 +805,10 @@ def test_test_time_augmentation_level_2_adds_the_shifted_pairs():
     pair = [cnn.predict_logits(model, v, mean, std, tta=1) for v in (images, up_left, down_right)]
     expected = 0.5 * pair[0] + 0.25 * (pair[1] + pair[2])
     assert np.allclose(cnn.predict_logits(model, images, mean, std, tta=2), expected, atol=1e-5)
+    plain = cnn.predict_logits(model, images, mean, std)  # reused, not recomputed: same numbers
+    plain_again = cnn.predict_logits(model, images, mean, std, batch_size=2, tta=2, plain=plain)
+    assert np.allclose(plain_again, expected, atol=1e-5)
+    assert np.allclose(cnn.predict_logits(model, images, mean, std, tta=2, plain=plain + 4), expected + 1, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["fast", "loop"])
