@@ -1928,6 +1928,26 @@ def make_schedule(recipe, lr, total_steps):
     return constant_lr(lr)
 
 
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for the next arrays instead of giving
+    it back to the operating system (elsewhere this does nothing).
+
+    By default every array of more than a few megabytes is mapped fresh from the
+    system and unmapped when freed, so each training step pays again for the page
+    faults and the zeroing of its new memory: about 3,200 page faults per network 4
+    step.  With memory kept, that step ran 6 to 13 % faster here (2.6-2.7 s -> 2.4 s),
+    for about 100 MB more peak memory.  The scripts and the bench call this once at
+    the start; a training loop of your own can too."""
+    import ctypes
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1)  # no array gets its own mapping
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and freed memory is not returned
+    except (OSError, AttributeError, TypeError):     # not glibc: no mallopt to call
+        pass
+
+
 def peak_memory_mb():
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
@@ -1937,6 +1957,7 @@ def run_script(args, *, name, title, dataset, build, recipe):
     """Everything a train_*.py script does after parsing its options: find the data,
     train (or resume), evaluate on the test set, write the outputs; or --predict."""
     started = time.time()
+    keep_freed_memory()
     out = args.out or os.path.join("runs", name)
     try:
         if args.predict:
@@ -2121,6 +2142,7 @@ def bench(argv):
               file=sys.stderr)
         return 2
     started = time.time()
+    keep_freed_memory()
     rng = np.random.default_rng(0)
     peak = matmul_gflops()
     print(f"machine: {os.cpu_count()} cores, NumPy {np.__version__}; float32 matmul 2048x2048: "
