@@ -823,6 +823,22 @@ def test_relu_and_max_pool_commute_with_their_gradients(impl):
     assert np.array_equal(relu_first.backward(g, input_grad=True), pool_first.backward(g, input_grad=True))
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="sets glibc's malloc")
+def test_keep_freed_memory_lets_a_new_array_reuse_freed_pages():
+    import resource
+
+    def page_faults_of_a_fresh_64_mb_array():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = np.ones(64 << 20, np.uint8)  # every page written
+        del a
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    cnn.keep_freed_memory()
+    page_faults_of_a_fresh_64_mb_array()  # may still have to grow the heap
+    # Without the setting each such array is a fresh mapping: 32 huge or 16,384 small pages.
+    assert page_faults_of_a_fresh_64_mb_array() <= 4
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_split_batch_over_threads_changes_no_number(monkeypatch, training):
     # Real batches are split over the cores; these tiny ones only when SPLIT_MIN is 0.
