@@ -1935,7 +1935,7 @@ def keep_freed_memory():
     By default every array of more than a few megabytes is mapped fresh from the
     system and unmapped when freed, so each training step pays again for the page
     faults and the zeroing of its new memory: about 3,200 page faults per network 4
-    step.  With memory kept, that step ran 6 to 13 % faster here (2.6-2.7 s -> 2.4 s),
+    step.  With memory kept, that step ran 4 to 14 % faster here (2.6-2.9 s -> 2.4-2.6 s),
     for about 100 MB more peak memory.  The scripts and the bench call this once at
     the start; a training loop of your own can too."""
     import ctypes
