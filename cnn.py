@@ -2019,10 +2019,10 @@ def run_script(args, *, name, title, dataset, build, recipe):
     test_loss, test_acc, predictions = score(plain_logits, test_labels)
     results = dict(test_loss=test_loss, test_accuracy=test_acc)
     if tta:
-        plain = dict(results)
+        without_tta = dict(results)
         logits = predict_logits(model, test_images, mean, std, tta=tta, plain=plain_logits)
         test_loss, test_acc, predictions = score(logits, test_labels)
-        results = dict(test_loss=test_loss, test_accuracy=test_acc, without_tta=plain)
+        results = dict(test_loss=test_loss, test_accuracy=test_acc, without_tta=without_tta)
     labels = np.asarray(test_labels).astype(np.int64)
     cm = confusion_matrix(labels, predictions, len(classes))
     results.update(macro_f1=macro_f1(cm), f1_per_class=f1_scores(cm).tolist(),

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import platform
 import subprocess
 import sys
 import tarfile
@@ -823,7 +824,7 @@ def test_relu_and_max_pool_commute_with_their_gradients(impl):
     assert np.array_equal(relu_first.backward(g, input_grad=True), pool_first.backward(g, input_grad=True))
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="sets glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc")
 def test_keep_freed_memory_lets_a_new_array_reuse_freed_pages():
     import resource
 
