@@ -60,7 +60,7 @@ def away_from_zero(shape, seed=0):
 
 @pytest.mark.parametrize("impl", ["loop", "fast"])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 0), (2, 1)])
-@pytest.mark.parametrize("channels", [(1, 4), (3, 4), (4, 3), (9, 2)])  # fast: col2im scatter for (1, 4), else full conv
+@pytest.mark.parametrize("channels", [(1, 4), (3, 4), (4, 3), (9, 2)])  # fast: dx as a sum of taps for (1, 4), (3, 4), else as a convolution
 def test_conv_gradients(impl, stride, padding, channels):
     rng = np.random.default_rng(1)
     c, f = channels
@@ -849,7 +849,7 @@ def test_split_batch_over_threads_changes_no_number(monkeypatch, training):
     model = cnn.Sequential(
         cnn.Conv2D(3, 8, 3, padding=1, rng=rng), cnn.MaxPool2D(2), cnn.ReLU(),       # NCHW im2col
         cnn.Conv2D(8, 8, 3, padding=1, bias=False, rng=rng), cnn.BatchNorm2D(8), cnn.GELU(),
-        cnn.Conv2D(8, 32, 3, rng=rng), cnn.BatchNorm2D(32, scale=False),              # col2im scatter
+        cnn.Conv2D(8, 32, 3, rng=rng), cnn.BatchNorm2D(32, scale=False),              # dx as a sum of taps
         cnn.GlobalMaxPool2D(), cnn.Dense(32, 3, rng=rng))
     x = rng.standard_normal((5, 3, 10, 10)).astype(np.float32)
     g = rng.standard_normal((5, 3)).astype(np.float32)
