@@ -38,10 +38,10 @@ import signal
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 # After each matrix multiply OpenBLAS keeps its worker threads spinning for about
 # 2^28 cycles (a tenth of a second), so on two cores they would take one core away
@@ -82,7 +82,43 @@ def check_input(layer, x, channels=None, ndim=4):
 
 CORES = os.cpu_count() or 1
 SPLIT_MIN = 1 << 16  # fewer elements than this: threads would cost more than they save
-_workers = None      # the thread pool of split_batch, started at its first use
+
+
+class Helper:
+    """A thread that runs the calls handed to it, one at a time.  The hand-over is a
+    pair of locks: about 15 microseconds, where a ThreadPoolExecutor future takes
+    about 50 (measured here), and split_batch hands work over a few dozen times per
+    training step."""
+
+    def __init__(self):
+        self.start, self.done = threading.Lock(), threading.Lock()
+        self.start.acquire()
+        self.done.acquire()
+        self.call, self.error = None, None
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            self.start.acquire()
+            fn, args = self.call
+            try:
+                fn(*args)
+            except BaseException as error:  # raised again in the caller by wait()
+                self.error = error
+            self.done.release()
+
+    def submit(self, fn, *args):
+        self.call = (fn, args)
+        self.start.release()
+
+    def wait(self):
+        self.done.acquire()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
+_helpers = []  # split_batch's threads, started at its first use
 
 
 def split_batch(fn, *arrays):
@@ -95,21 +131,24 @@ def split_batch(fn, *arrays):
     inside its loops, so threads working on separate slices of the batch run truly
     in parallel: on two cores GELU or im2col take half the time.  fn must write
     only into the slices it is given, so the result is the same, number for number.
-    Handing work to a thread costs tens of microseconds, hence SPLIT_MIN."""
-    global _workers
+    Handing work to a thread costs about 15 microseconds, hence SPLIT_MIN.  Call it
+    from one thread only (the helpers are shared)."""
     n = len(arrays[0])
     parts = min(CORES, n) if arrays[0].size >= SPLIT_MIN else 1
     if parts == 1:
         fn(*arrays)
         return
-    if _workers is None:
-        _workers = ThreadPoolExecutor(max(CORES - 1, 1))
+    while len(_helpers) < parts - 1:
+        _helpers.append(Helper())
     bounds = [n * i // parts for i in range(parts + 1)]
     slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
-    pending = [_workers.submit(fn, *part) for part in slices[1:]]
-    fn(*slices[0])
-    for job in pending:
-        job.result()
+    for helper, part in zip(_helpers, slices[1:]):
+        helper.submit(fn, *part)
+    try:
+        fn(*slices[0])
+    finally:
+        for helper in _helpers[:parts - 1]:
+            helper.wait()
 
 
 class Layer:
@@ -1459,20 +1498,38 @@ def normalize(batch, mean, std):
     return x
 
 
+def pad_images(batch, pad, mode="reflect"):
+    """batch (B, C, H, W) padded by `pad` pixels on each side, mirrored (as np.pad's
+    "reflect": the edge pixel is not repeated) or with zeros.  Written as slice
+    copies into one array: np.pad's general code took 0.39 ms for 64 CIFAR-10
+    images, these copies 0.17 ms, a tenth of network 3's data pipeline."""
+    n, c, h, w = batch.shape
+    if mode == "reflect" and pad >= min(h, w):  # reflecting more than once: np.pad knows how
+        return np.pad(batch, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), batch.dtype)
+    padded[:, :, pad:pad + h, pad:pad + w] = batch
+    if mode == "reflect" and pad:
+        padded[:, :, pad:pad + h, :pad] = batch[:, :, :, pad:0:-1]
+        padded[:, :, pad:pad + h, pad + w:] = batch[:, :, :, w - 2:w - 2 - pad:-1]
+        padded[:, :, :pad] = padded[:, :, 2 * pad:pad:-1]
+        padded[:, :, pad + h:] = padded[:, :, pad + h - 2:h - 2:-1]
+    return padded
+
+
 def random_crop(batch, pad, rng, mode="reflect"):
     """Pad (reflect or zero) by `pad` pixels and cut a random H x W window per image;
     vectorized: all windows are views of the padded batch, one fancy index picks them."""
     n, c, h, w = batch.shape
-    padded = np.pad(batch, ((0, 0), (0, 0), (pad, pad), (pad, pad)),
-                    mode="reflect" if mode == "reflect" else "constant")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))  # (B, C, 2p+1, 2p+1, H, W)
+    windows = np.lib.stride_tricks.sliding_window_view(pad_images(batch, pad, mode), (h, w), axis=(2, 3))  # (B, C, 2p+1, 2p+1, H, W)
     dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
     return windows[np.arange(n), :, dy, dx]
 
 
 def flip_some(batch, flip):
-    """Mirror the images where the boolean mask flip is True."""
-    return np.where(flip[:, None, None, None], batch[..., ::-1], batch)
+    """Mirror, in place, the images where the boolean mask flip is True; returns
+    batch.  Only those images are copied (np.where over the whole batch: 5x slower)."""
+    batch[flip] = batch[flip, ..., ::-1]
+    return batch
 
 
 def iterate_batches(images, labels, batch_size, mean, std, *, shuffle=True, seed=0, epoch=0,
@@ -1533,7 +1590,7 @@ def predict_logits(model, images, mean, std, batch_size=EVAL_BATCH, tta=0, plain
         logits = mirrored(batch, None if plain is None else plain[i:i + batch_size])
         if tta >= 2:
             h, w = batch.shape[2:]
-            padded = np.pad(batch, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+            padded = pad_images(batch, 1)
             shifted = 0.5 * (mirrored(padded[:, :, :h, :w]) + mirrored(padded[:, :, 2:, 2:]))
             logits = 0.5 * (logits + shifted)
         out.append(logits)

@@ -155,6 +155,7 @@ def test_dense_relu_flatten_scale_gelu_gradients():
     check_layer_gradients(cnn.ReLU(), away_from_zero((2, 3, 4, 5)))
     check_layer_gradients(cnn.GELU(), rng.standard_normal((2, 3, 4, 5)) * 2)
     check_layer_gradients(cnn.Flatten(), rng.standard_normal((2, 3, 4, 5)))
+    check_layer_gradients(cnn.Flatten(), cnn.nchw_view(rng.standard_normal((2, 4, 5, 3))))  # channels-last memory
     check_layer_gradients(cnn.Scale(1 / 9), rng.standard_normal((3, 7)))
     check_layer_gradients(cnn.GlobalMaxPool2D(), rng.standard_normal((2, 3, 4, 5)))
 
@@ -609,8 +610,11 @@ def test_augmentation_only_moves_pixels():
                    for dy in range(5) for dx in range(5))
     zero = cnn.random_crop(images, 3, rng, "zero")
     assert zero.shape == images.shape
+    for pad, mode in [(1, "reflect"), (2, "reflect"), (9, "reflect"), (2, "zero"), (0, "reflect")]:
+        want = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect" if mode == "reflect" else "constant")
+        assert np.array_equal(cnn.pad_images(images, pad, mode), want)
     flip = np.arange(16) % 2 == 0
-    flipped = cnn.flip_some(images, flip)
+    flipped = cnn.flip_some(images.copy(), flip)
     assert np.array_equal(flipped[flip], images[flip][..., ::-1]) and np.array_equal(flipped[~flip], images[~flip])
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
     a = np.concatenate([x for x, _ in cnn.iterate_batches(images, np.arange(16), 16, mean, std, shuffle=False,
@@ -930,3 +934,16 @@ def test_val_zero_trains_on_every_image(tmp_path):
     assert (out / "learning_curve.png").is_file()
     bad = run("train_cifar.py", "--val", "-1", "--data-dir", str(data))
     assert bad.returncode == 2 and "--val: must be zero or more, got -1" in bad.stderr
+
+
+def test_flatten_returns_the_gradient_in_its_inputs_memory_order():
+    rng = np.random.default_rng(31)
+    for x in [rng.standard_normal((2, 3, 4, 5)), cnn.nchw_view(rng.standard_normal((2, 4, 5, 3)))]:
+        flatten = cnn.Flatten()
+        y = flatten.forward(x)
+        assert np.array_equal(y, np.ascontiguousarray(x).reshape(2, 60))  # C, H, W order
+        g = rng.standard_normal((2, 60))
+        dx = flatten.backward(g)
+        assert np.array_equal(dx, g.reshape(2, 3, 4, 5))
+        assert cnn.nhwc_memory(dx) == cnn.nhwc_memory(x)
+    assert cnn.nhwc_memory(x) and not cnn.nhwc_memory(np.ascontiguousarray(x))
