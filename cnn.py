@@ -86,7 +86,7 @@ SPLIT_MIN = 1 << 16  # fewer elements than this: threads would cost more than th
 
 class Helper:
     """A thread that runs the calls handed to it, one at a time.  The hand-over is a
-    pair of locks: about 15 microseconds, where a ThreadPoolExecutor future takes
+    pair of locks: about 27 microseconds, where a ThreadPoolExecutor future takes
     about 50 (measured here), and split_batch hands work over a few dozen times per
     training step."""
 
@@ -131,7 +131,7 @@ def split_batch(fn, *arrays):
     inside its loops, so threads working on separate slices of the batch run truly
     in parallel: on two cores GELU or im2col take half the time.  fn must write
     only into the slices it is given, so the result is the same, number for number.
-    Handing work to a thread costs about 15 microseconds, hence SPLIT_MIN.  Call it
+    Handing work to a thread costs about 27 microseconds, hence SPLIT_MIN.  Call it
     from one thread only (the helpers are shared)."""
     n = len(arrays[0])
     parts = min(CORES, n) if arrays[0].size >= SPLIT_MIN else 1
