@@ -305,9 +305,10 @@ class Conv2D(Layer):
         """dW is the forward matrix multiply run backwards: cols^T @ g, and db the
         column sums of g.  dL/dx has two routes, each the faster one where it is used:
         a layer that widens (C < F) sums kh*kw thin products, the others run one
-        convolution of width F (measured on 64 images, sum vs convolution: 8 -> 16
-        channels 1.4 vs 1.8 ms, 16 -> 32 1.9 vs 2.4, 24 -> 64 30 vs 47, 64 -> 128 3.3
-        vs 4.3; but 16 -> 16 1.6-1.9 vs 1.3-1.5 and 64 -> 64 15-18 vs 12-13)."""
+        convolution of width F (measured on 64 images in two rounds, sum vs
+        convolution: 8 -> 16 channels 1.4-1.8 vs 1.7-1.8 ms, 16 -> 32 1.9-2.3 vs
+        2.4-2.6, 24 -> 64 30-33 vs 46-49, 64 -> 128 3.3-5.2 vs 4.3-5.3; but 16 -> 16
+        1.6-1.9 vs 1.3-1.5 and 64 -> 64 15-18 vs 12-13)."""
         n, c, h, w = self.x_shape
         f, kh, kw = self.out_channels, self.kh, self.kw
         g = nhwc(grad_out)                                         # g: (N, Ho, Wo, F)
@@ -1506,6 +1507,8 @@ def pad_images(batch, pad, mode="reflect"):
     n, c, h, w = batch.shape
     if mode == "reflect" and pad >= min(h, w):  # reflecting more than once: np.pad knows how
         return np.pad(batch, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    # Not pad_hw: handing this small uint8 copy to a thread costs more than it saves
+    # (measured 0.23-0.30 vs 0.14-0.21 ms).
     padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), batch.dtype)
     padded[:, :, pad:pad + h, pad:pad + w] = batch
     if mode == "reflect" and pad:
