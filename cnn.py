@@ -19,13 +19,16 @@ Arrays are NCHW, (N, C, H, W), float32 unless the parameters are float64.  The
 fast layers keep their outputs in channels-last *memory* (an NHWC buffer seen
 through a transposed NCHW view): the shapes you see are NCHW, but the next
 convolution or pooling layer can read the buffer as contiguous NHWC without a copy.
-Matrix multiplies use every core through BLAS; the element-wise passes and copies
-over large arrays do too, on slices of the batch handed to threads (split_batch).
+Both cores work on every training step and prediction: each runs the whole network
+on its own slice of the batch (split_model), or, for networks with BatchNorm,
+matrix multiplies use every core through BLAS and the element-wise passes and
+copies over large arrays are split over threads (split_batch).
 
 Only the standard library and NumPy are imported here; Pillow is imported inside
 the drawing code, so copying this single file into another project just works.
 """
 import argparse
+import copy
 import gzip
 import hashlib
 import io
@@ -118,7 +121,32 @@ class Helper:
             raise error
 
 
-_helpers = []  # split_batch's threads, started at its first use
+_helpers = []        # the threads of split_batch and split_model, started at first use
+_cores_taken = False  # True while split_model has given every core a slice of the model
+
+
+def in_parallel(fn, arrays, parts):
+    """[fn(i, *slices_i) for i in range(parts)], the calls running at once, call 0 in
+    this thread and the others in helper threads; slices_i holds the i-th of `parts`
+    near-equal slices along axis 0 of each array (None stays None)."""
+    while len(_helpers) < parts - 1:
+        _helpers.append(Helper())
+    n = len(arrays[0])
+    bounds = [n * i // parts for i in range(parts + 1)]
+    slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
+    results = [None] * parts
+
+    def run(i, part):
+        results[i] = fn(i, *part)
+
+    for i, helper in enumerate(_helpers[:parts - 1], 1):
+        helper.submit(run, i, slices[i])
+    try:
+        run(0, slices[0])
+    finally:
+        for helper in _helpers[:parts - 1]:
+            helper.wait()
+    return results
 
 
 def split_batch(fn, *arrays):
@@ -131,24 +159,15 @@ def split_batch(fn, *arrays):
     inside its loops, so threads working on separate slices of the batch run truly
     in parallel: on two cores GELU or im2col take half the time.  fn must write
     only into the slices it is given, so the result is the same, number for number.
-    Handing work to a thread costs about 27 microseconds, hence SPLIT_MIN.  Call it
-    from one thread only (the helpers are shared)."""
+    Handing work to a thread costs about 27 microseconds, hence SPLIT_MIN.  While
+    split_model runs, every core already has its own slice of the batch, so the
+    call runs whole in the calling thread."""
     n = len(arrays[0])
-    parts = min(CORES, n) if arrays[0].size >= SPLIT_MIN else 1
+    parts = min(CORES, n) if arrays[0].size >= SPLIT_MIN and not _cores_taken else 1
     if parts == 1:
         fn(*arrays)
-        return
-    while len(_helpers) < parts - 1:
-        _helpers.append(Helper())
-    bounds = [n * i // parts for i in range(parts + 1)]
-    slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
-    for helper, part in zip(_helpers, slices[1:]):
-        helper.submit(fn, *part)
-    try:
-        fn(*slices[0])
-    finally:
-        for helper in _helpers[:parts - 1]:
-            helper.wait()
+    else:
+        in_parallel(lambda i, *part: fn(*part), arrays, parts)
 
 
 class Layer:
@@ -163,6 +182,13 @@ class Layer:
 
     def __call__(self, x):
         return self.forward(x)
+
+    def twin(self):
+        """A copy that another thread can run at the same time as this layer: the
+        same parameter arrays, its own gradients and caches (see split_model)."""
+        twin = copy.copy(self)
+        twin.grads = {}
+        return twin
 
 
 class Conv2D(Layer):
@@ -390,17 +416,18 @@ EVAL_BATCH = 256
 
 
 def scratch(buffers, name, shape, dtype):
-    """An uninitialised work array of this shape, kept in buffers[name] from call to
-    call.  NumPy gets arrays of tens of megabytes fresh from the operating system
+    """An uninitialised work array of this shape, kept in buffers from call to call.  NumPy gets arrays of tens of megabytes fresh from the operating system
     each time, and first touching their pages costs about as much as the copy that
     fills them (measured on network 4's first block: 31 ms into a reused buffer,
     57 ms into a fresh one).  A layer's own buffers hold what its backward needs
     from the last forward; TRANSIENT ones are overwritten by the next call of any
-    layer."""
+    layer.  Each thread has its own (the key includes it), so that a layer and its
+    twin in another thread never write into the same array."""
     size = math.prod(shape)
-    buffer = buffers.get(name)
+    key = (threading.get_ident(), name)
+    buffer = buffers.get(key)
     if buffer is None or buffer.size < size or buffer.dtype != dtype:
-        buffer = buffers[name] = np.empty(size, dtype)
+        buffer = buffers[key] = np.empty(size, dtype)
     return buffer[:size].reshape(shape)
 
 
@@ -1000,11 +1027,12 @@ class Sequential:
         return arrays
 
     def predict(self, x, batch_size=EVAL_BATCH):
-        """Logits for x in evaluation mode, batch by batch, without backward caches."""
+        """Logits for x in evaluation mode, batch by batch, without backward caches,
+        each batch split over the cores (split_model)."""
         was_training = [layer.training for layer in self.layers]
         self.eval()
         try:
-            return np.concatenate([self.forward(x[i:i + batch_size])
+            return np.concatenate([np.concatenate(split_model(self, Sequential.forward, x[i:i + batch_size]))
                                    for i in range(0, len(x), batch_size)])
         finally:
             for layer, mode in zip(self.layers, was_training):
@@ -1061,6 +1089,35 @@ class Sequential:
         for name, target in expected.items():
             target[...] = stored["model/" + name]
         return {k: v for k, v in stored.items() if not k.startswith("model/")}
+
+
+def split_model(model, fn, *arrays):
+    """[fn(net, *slices)] for CORES slices of the batch (axis 0 of the arrays), all
+    at once, each run by its own net in its own thread: the model itself on the
+    first slice, twins of it on the others (the same weight arrays, their own
+    gradients and caches, see Layer.twin).
+
+    With 1 to 32 channels a layer is a few NumPy calls over some 10,000 to 700,000
+    numbers: too little to split any one call over the cores with profit (see
+    split_batch), so most of a step would run on one core.  Running the whole
+    network on half of the batch in each thread keeps both cores busy from the
+    first layer to the last (a network 2 training step took 6.8-8.5 ms instead of
+    10.8-11.2 here).  OpenBLAS is held to one thread meanwhile, or its threads and
+    ours would fight over the cores; where its thread count cannot be set (NumPy
+    built on another BLAS), on one core or for one image, fn runs once, on the
+    whole batch."""
+    global _cores_taken
+    parts = min(CORES, len(arrays[0]))
+    blas_before = blas_threads(1) if parts > 1 and not _cores_taken else None
+    if blas_before is None:
+        return [fn(model, *arrays)]
+    _cores_taken = True
+    try:
+        nets = [model] + [Sequential(*[layer.twin() for layer in model.layers]) for _ in range(parts - 1)]
+        return in_parallel(lambda i, *part: fn(nets[i], *part), arrays, parts)
+    finally:
+        _cores_taken = False
+        blas_threads(blas_before)
 
 
 def save_npz(path, arrays):
@@ -1640,17 +1697,45 @@ class Progress:
             print("\r" + " " * 100 + "\r", end="", file=self.stream, flush=True)
 
 
+def train_step(model, loss_fn, x, y):
+    """Forward, loss and backward on one batch: returns (mean loss, logits) and
+    leaves the gradients in the model's layers.
+
+    A model without batch statistics runs on slices of the batch at once
+    (split_model): each slice's loss gradient is weighted by its share of the batch
+    and the twins' gradients are added to the model's, which is the whole batch's
+    gradient up to float32 rounding.  BatchNorm's statistics need the whole batch,
+    so a model with BatchNorm runs in one piece."""
+    def run(net, x_part, y_part):
+        criterion = loss_fn if net is model else copy.copy(loss_fn)
+        logits = net.forward(x_part)
+        loss = criterion.forward(logits, y_part)
+        grad = criterion.backward()
+        if len(y_part) < len(y):
+            grad = grad * grad.dtype.type(len(y_part) / len(y))
+        net.backward(grad)
+        return loss * len(y_part), logits, net
+
+    if any(layer.buffer_names for layer in model.layers):
+        results = [run(model, x, y)]
+    else:
+        results = split_model(model, run, x, y)
+    for _, _, twin in results[1:]:
+        for mine, its in zip(model.layers, twin.layers):
+            for key in mine.grads:
+                mine.grads[key] += its.grads[key]
+    return sum(r[0] for r in results) / len(y), np.concatenate([r[1] for r in results])
+
+
 def train_epoch(model, loss_fn, optimizer, schedule, batches, step, progress):
     """One pass over `batches`; returns (mean loss, accuracy, next step number)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
         optimizer.lr = schedule(step)
-        logits = model.forward(x)
-        loss = loss_fn.forward(logits, y)
+        loss, logits = train_step(model, loss_fn, x, y)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the loss became {loss} at step {step}")
-        model.backward(loss_fn.backward())
         optimizer.step()
         step += 1
         total_loss += loss * len(y)
@@ -2034,6 +2119,53 @@ def keep_freed_memory():
         pass
 
 
+def blas_threads(count):
+    """Let OpenBLAS, the matrix-multiply library inside NumPy's wheels, use `count`
+    threads; returns how many it used before, or None where it cannot be found
+    (NumPy built on another BLAS), in which case nothing changed.  Setting it takes
+    about a microsecond, so split_model does it around every call."""
+    global _openblas
+    if _openblas is None:
+        _openblas = _find_openblas()
+    if not _openblas:
+        return None
+    set_threads, get_threads = _openblas
+    before = get_threads()
+    set_threads(count)
+    return before
+
+
+_openblas = None  # (set, get) thread-count functions once found, () if there are none
+
+
+def _find_openblas():
+    """OpenBLAS's thread-count functions, looked up in the libraries NumPy loaded:
+    scipy-openblas in the wheels (symbols with a scipy_ prefix, 64_ suffix for
+    64-bit integers), a plain libopenblas otherwise."""
+    import ctypes
+    import glob
+    numpy_dir = os.path.dirname(np.__file__)
+    paths = glob.glob(os.path.join(numpy_dir + ".libs", "*openblas*"))       # Linux, Windows wheels
+    paths += glob.glob(os.path.join(numpy_dir, ".dylibs", "*openblas*"))     # macOS wheels
+    try:
+        with open("/proc/self/maps") as maps:                                   # any other Linux build
+            paths += [line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]]
+    except OSError:
+        pass
+    for path in dict.fromkeys(paths):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                set_threads = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+                get_threads = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+                if set_threads and get_threads:
+                    return set_threads, get_threads
+    return ()
+
+
 def peak_memory_mb():
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
@@ -2206,9 +2338,7 @@ def bench_network(model, x, labels, batch_size, epoch_images, steps):
     def train_steps():
         model.train()
         for _ in range(steps):
-            logits = model.forward(normalize(images, mean, std))
-            loss_fn.forward(logits, labels[:batch_size])
-            model.backward(loss_fn.backward())
+            train_step(model, loss_fn, normalize(images, mean, std), labels[:batch_size])
             optimizer.step()
     train_rate = steps * batch_size / _best_time(train_steps, 2)
     test = np.random.default_rng(1).integers(0, 256, (2000,) + x.shape[1:]).astype(np.uint8)

@@ -947,3 +947,77 @@ def test_flatten_returns_the_gradient_in_its_inputs_memory_order():
         assert np.array_equal(dx, g.reshape(2, 3, 4, 5))
         assert cnn.nhwc_memory(dx) == cnn.nhwc_memory(x)
     assert cnn.nhwc_memory(x) and not cnn.nhwc_memory(np.ascontiguousarray(x))
+
+
+def test_blas_threads_sets_the_count_and_returns_the_previous_one():
+    before = cnn.blas_threads(1)
+    if before is None:
+        pytest.skip("NumPy here is not built on OpenBLAS")
+    try:
+        assert cnn.blas_threads(2) == 1
+        assert cnn.blas_threads(before) == 2
+    finally:
+        cnn.blas_threads(before)
+
+
+def spy_on_in_parallel(monkeypatch):
+    """Record the `parts` of every in_parallel call (split_model and split_batch)."""
+    calls, real = [], cnn.in_parallel
+
+    def spy(fn, arrays, parts):
+        calls.append(parts)
+        return real(fn, arrays, parts)
+    monkeypatch.setattr(cnn, "in_parallel", spy)
+    return calls
+
+
+def test_train_step_and_predict_split_over_threads_give_the_whole_batchs_numbers(monkeypatch):
+    # 7 images in 3 uneven slices (2, 2, 3) on the model and two twins, against
+    # one pass over the whole batch: same loss, logits, gradients and predictions.
+    if cnn.blas_threads(cnn.blas_threads(1)) is None:
+        pytest.skip("NumPy here is not built on OpenBLAS: split_model runs in one piece")
+    rng = np.random.default_rng(5)
+    model = cnn.Sequential(
+        cnn.Conv2D(3, 4, 3, padding=1, rng=rng), cnn.MaxPool2D(2), cnn.ReLU(),
+        cnn.Conv2D(4, 6, 3, rng=rng), cnn.ReLU(), cnn.Flatten(),
+        cnn.Dense(24, 5, rng=rng), cnn.ReLU(), cnn.Dense(5, 3, rng=rng))
+    x = rng.standard_normal((7, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 7)
+    loss_fn = cnn.SoftmaxCrossEntropy(label_smoothing=0.1)
+    blas_before = cnn.blas_threads(1)
+    cnn.blas_threads(blas_before)
+
+    def run():
+        model.train()
+        loss, logits = cnn.train_step(model, loss_fn, x, y)
+        grads = [a.copy() for layer in model.layers for a in layer.grads.values()]
+        return [loss, logits] + grads + [model.predict(x)]
+
+    calls = spy_on_in_parallel(monkeypatch)
+    monkeypatch.setattr(cnn, "CORES", 3)
+    split = run()
+    assert calls == [3, 3]  # one training step, one prediction batch
+    assert cnn.blas_threads(blas_before) == blas_before  # restored after each
+    monkeypatch.setattr(cnn, "blas_threads", lambda count: None)  # as without OpenBLAS
+    whole = run()
+    assert calls == [3, 3]
+    assert len(split) == len(whole) == 2 + 8 + 1
+    assert split[0] == pytest.approx(whole[0], rel=1e-6)
+    for a, b in zip(split[1:], whole[1:]):
+        assert a.shape == b.shape
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_with_batchnorm_trains_in_one_piece(monkeypatch):
+    # Its statistics are those of the whole batch, so train_step does not split it.
+    rng = np.random.default_rng(6)
+    model = cnn.Sequential(cnn.Conv2D(1, 2, 3, rng=rng), cnn.BatchNorm2D(2), cnn.Flatten(),
+                           cnn.Dense(8, 2, rng=rng))
+    x = rng.standard_normal((6, 1, 4, 4)).astype(np.float32)
+    calls = spy_on_in_parallel(monkeypatch)
+    monkeypatch.setattr(cnn, "CORES", 2)
+    cnn.train_step(model, cnn.SoftmaxCrossEntropy(), x, np.array([0, 1, 0, 1, 1, 0]))
+    assert calls == []
+    # One update (momentum 0.1) with the mean of all six images, not of a slice.
+    batch_mean = model.layers[0].forward(x).mean(axis=(0, 2, 3))
+    assert np.allclose(model.layers[1].running_mean, 0.1 * batch_mean, rtol=1e-5, atol=1e-8)
