@@ -66,9 +66,27 @@ def nhwc(x):
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
-def nhwc_memory(x):
-    """True when the (N, C, H, W) array x is the NCHW view of channels-last memory."""
-    return not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
+def memory_order(x):
+    """x's axes from the outermost in memory to the innermost: (0, 1, 2, 3) for
+    NCHW memory, (0, 2, 3, 1) for channels-last, (1, 0, 2, 3) for channel-major."""
+    return tuple(sorted(range(x.ndim), key=lambda axis: -x.strides[axis]))
+
+
+def empty_in_order(shape, order, dtype):
+    """An uninitialised array of this shape whose memory runs in `order`."""
+    return np.empty([shape[axis] for axis in order], dtype).transpose(np.argsort(order))
+
+
+def in_memory_order(x, order):
+    """x itself if its memory runs in `order`, else a copy that does.  Layers return
+    their input gradient in the order their input came in, so that the element-wise
+    backward before them multiplies arrays of one layout (on arrays of two layouts
+    NumPy's inner loops get as short as the channel count: 5x slower with 4)."""
+    if memory_order(x) == order:
+        return x
+    out = empty_in_order(x.shape, order, x.dtype)
+    split_batch(np.copyto, out, x)
+    return out
 
 
 def nchw_view(x):
@@ -307,9 +325,21 @@ class Conv2D(Layer):
         ho, wo = self.output_size(h, w)
         f = self.out_channels
         buffers = self.buffers if self.training else TRANSIENT  # evaluation keeps no cache
-        if x.flags.c_contiguous and c < 8:      # NCHW memory: rows of cols^T are image rows
+        if memory_order(x)[2:] == (2, 3) and c < 8:  # image rows contiguous: rows of cols^T
             cols_t = scratch(buffers, "cols", (c * self.kh * self.kw, n * ho * wo), x.dtype)  # (C*kh*kw, N*Ho*Wo)
             im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride, out=cols_t)
+            if f < 8:
+                # Channel-major output, (F, N*Ho*Wo) = W @ cols^T: with this few
+                # channels, pooling and bias run along image rows instead of over F
+                # numbers at a time (max pooling 32 images with 4 channels: 0.28 +
+                # 0.19 ms instead of 0.45 + 0.30 channels-last).  With 8 channels
+                # (network 3) the next convolution's copy to channels-last cost more:
+                # its training step was 5 % slower.
+                y = W.reshape(f, -1) @ cols_t                      # y: (F, N*Ho*Wo)
+                if "b" in self.params:
+                    split_batch(np.add, y, self.params["b"][:, None], y)
+                self._keep("channel-major", cols_t, x)
+                return y.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
             y = cols_t.T @ W.reshape(f, -1).T                      # y: (N*Ho*Wo, F)
             cache = ("t", cols_t)
         else:                                   # channels-last memory
@@ -323,9 +353,12 @@ class Conv2D(Layer):
             # slower with 4 channels (measured 0.28 vs 0.05 ms for 64 images of network 1).
             rows = np.tile(self.params["b"], ho * wo)                 # rows: (Ho*Wo*F,)
             split_batch(lambda y: np.add(y, rows, out=y), y.reshape(n, -1))
-        if self.training:
-            self.cache, self.x_shape = cache, x.shape
+        self._keep(*cache, x)
         return nchw_view(y.reshape(n, ho, wo, f))
+
+    def _keep(self, layout, cols, x):
+        if self.training:
+            self.cache, self.x_shape, self.x_order = (layout, cols), x.shape, memory_order(x)
 
     def _backward_fast(self, grad_out, input_grad):
         """dW is the forward matrix multiply run backwards: cols^T @ g, and db the
@@ -334,21 +367,28 @@ class Conv2D(Layer):
         convolution of width F (measured on 64 images in two rounds, sum vs
         convolution: 8 -> 16 channels 1.4-1.8 vs 1.7-1.8 ms, 16 -> 32 1.9-2.3 vs
         2.4-2.6, 24 -> 64 30-33 vs 46-49, 64 -> 128 3.3-5.2 vs 4.3-5.3; but 16 -> 16
-        1.6-1.9 vs 1.3-1.5 and 64 -> 64 15-18 vs 12-13)."""
+        1.6-1.9 vs 1.3-1.5 and 64 -> 64 15-18 vs 12-13).  dL/dx is returned in the
+        memory order of the input."""
         n, c, h, w = self.x_shape
         f, kh, kw = self.out_channels, self.kh, self.kw
-        g = nhwc(grad_out)                                         # g: (N, Ho, Wo, F)
-        g2 = g.reshape(-1, f)                                      # g2: (N*Ho*Wo, F)
         if self.trainable:
             layout, cols = self.cache
-            if layout == "t":                                      # cols: (C*kh*kw, M)
-                dW = (cols @ g2).T.reshape(f, c, kh, kw)
-            else:                                                  # cols: (M, kh*kw*C)
-                dW = (cols.T @ g2).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
-            self._set_grads(np.ascontiguousarray(dW), column_sum(g2))
+            if layout == "channel-major":                          # cols: (C*kh*kw, M)
+                gp = grad_out.transpose(1, 0, 2, 3).reshape(f, -1)  # gp: (F, M), no copy
+                dW, db = (cols @ gp.T).T.reshape(f, c, kh, kw), gp @ np.ones(gp.shape[1], gp.dtype)
+            else:
+                g2 = nhwc(grad_out).reshape(-1, f)                 # g2: (M, F)
+                if layout == "t":                                  # cols: (C*kh*kw, M)
+                    dW = (cols @ g2).T.reshape(f, c, kh, kw)
+                else:                                              # cols: (M, kh*kw*C)
+                    dW = (cols.T @ g2).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
+                db = column_sum(g2)
+            self._set_grads(np.ascontiguousarray(dW), db)
         if not input_grad:
             return None
-        return self._input_grad_sum(g2, *g.shape[1:3]) if c < f else self._input_grad_conv(g)
+        g = nhwc(grad_out)                                         # g: (N, Ho, Wo, F)
+        dx = self._input_grad_sum(g.reshape(-1, f), *g.shape[1:3]) if c < f else self._input_grad_conv(g)
+        return in_memory_order(dx, self.x_order)
 
     def _input_grad_conv(self, g):
         """dL/dx as a convolution: the output gradient, spread out by the stride (zeros
@@ -517,34 +557,36 @@ class MaxPool2D(Layer):
         return dx
 
     def _window_slices(self, ho, wo):
-        """The k*k strided slices of the NHWC input: slice t = (u, v) holds, for every
+        """The k*k strided slices of the input: slice t = (u, v) holds, for every
         output pixel, the window element at offset (u, v).  Pooling becomes k*k
-        elementwise operations over whole arrays, for any kernel, stride or size."""
+        elementwise operations over whole arrays, for any kernel, stride or size,
+        and in any memory order: NumPy runs its inner loop along the innermost axis,
+        channels in channels-last memory, image rows in channel-major memory."""
         s = self.stride
         for u in range(self.k):
             for v in range(self.k):
-                yield (slice(None), slice(u, u + s * ho, s), slice(v, v + s * wo, s))
+                yield (slice(None), slice(None), slice(u, u + s * ho, s), slice(v, v + s * wo, s))
 
     def _forward_fast(self, x):
         """Running maximum over the k*k window slices; `which` remembers the offset
         of the first maximum (strict > keeps the earliest), so backward does not
-        search again."""
-        xh = nhwc(x)                                               # xh: (N, H, W, C)
-        ho, wo = self.output_size(*xh.shape[1:3])
-        y = np.empty((xh.shape[0], ho, wo, xh.shape[3]), xh.dtype)  # y: (N, Ho, Wo, C)
-        which = np.empty(y.shape, np.uint8) if self.training else None  # which: (N, Ho, Wo, C)
-        split_batch(self._max, xh, y, which)
+        search again.  The output keeps x's memory order."""
+        n, c, h, w = x.shape
+        order = memory_order(x)
+        y = empty_in_order((n, c, *self.output_size(h, w)), order, x.dtype)  # y: (N, C, Ho, Wo)
+        which = empty_in_order(y.shape, order, np.uint8) if self.training else None  # which: like y
+        split_batch(self._max, x, y, which)
         if self.training:
-            self.which, self.x_shape = which, xh.shape
-        return nchw_view(y)
+            self.which, self.x_shape, self.x_order = which, x.shape, order
+        return y
 
-    def _max(self, xh, y, which):
-        slices = list(self._window_slices(*y.shape[1:3]))
-        np.copyto(y, xh[slices[0]])
+    def _max(self, x, y, which):
+        slices = list(self._window_slices(*y.shape[2:]))
+        np.copyto(y, x[slices[0]])
         if which is not None:
             which.fill(0)
         for t, sl in enumerate(slices[1:], 1):
-            candidate = xh[sl]
+            candidate = x[sl]
             if which is not None:  # which = t where candidate > y, else unchanged (uint8 arithmetic)
                 which += (candidate > y).view(np.uint8) * (np.uint8(t) - which)
             np.maximum(y, candidate, out=y)
@@ -552,15 +594,20 @@ class MaxPool2D(Layer):
     def _backward_fast(self, grad_out):
         """Each window's gradient goes to the offset `which` recorded: one masked
         product per offset, written straight into the strided slice of dx when the
-        windows do not overlap, added when they do."""
-        g = nhwc(grad_out)                                         # g: (N, Ho, Wo, C)
-        dx = np.zeros(self.x_shape, g.dtype)                       # dx: (N, H, W, C)
-        split_batch(self._route, g, self.which, dx)
-        return nchw_view(dx)
+        windows do not overlap, added when they do.  dx is in the input's memory
+        order; it needs zeros first only where some pixels are in no window."""
+        (n, c, h, w), (ho, wo) = self.x_shape, grad_out.shape[2:]
+        dx = empty_in_order(self.x_shape, self.x_order, grad_out.dtype)  # dx: (N, C, H, W)
+        covered = self.stride == self.k and (h, w) == (ho * self.k, wo * self.k)
+        split_batch(lambda g, which, dx: self._route(g, which, dx, clear=not covered),
+                    grad_out, self.which, dx)
+        return dx
 
-    def _route(self, g, which, dx):
+    def _route(self, g, which, dx, clear):
+        if clear:
+            dx.fill(0)
         overlap = self.stride < self.k
-        for t, sl in enumerate(self._window_slices(*g.shape[1:3])):
+        for t, sl in enumerate(self._window_slices(*g.shape[2:])):
             hit = which == t
             if overlap:
                 dx[sl] += g * hit
@@ -666,15 +713,11 @@ class Flatten(Layer):
         return "Flatten()"
 
     def forward(self, x):
-        self.x_shape = x.shape
-        # The gradient goes back in the memory order x came in: the element-wise
-        # backward before it (ReLU) runs 5x slower on two arrays of different orders.
-        self.channels_last = x.ndim == 4 and nhwc_memory(x)
+        self.x_shape, self.x_order = x.shape, memory_order(x)
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_out):
-        g = grad_out.reshape(self.x_shape)
-        return nchw_view(nhwc(g)) if self.channels_last else g
+        return in_memory_order(grad_out.reshape(self.x_shape), self.x_order)
 
 
 class Dense(Layer):

@@ -936,17 +936,49 @@ def test_val_zero_trains_on_every_image(tmp_path):
     assert bad.returncode == 2 and "--val: must be zero or more, got -1" in bad.stderr
 
 
-def test_flatten_returns_the_gradient_in_its_inputs_memory_order():
+LAYOUTS = {"NCHW": (0, 1, 2, 3), "channels-last": (0, 2, 3, 1), "channel-major": (1, 0, 2, 3)}
+
+
+def in_layout(x, layout):
+    """The same (N, C, H, W) values with memory in the given axis order."""
+    out = cnn.empty_in_order(x.shape, LAYOUTS[layout], x.dtype)
+    out[...] = x
+    assert cnn.memory_order(out) == LAYOUTS[layout]
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("make", [
+    lambda rng: cnn.Flatten(), lambda rng: cnn.ReLU(), lambda rng: cnn.MaxPool2D(2),
+    lambda rng: cnn.MaxPool2D(3, stride=2),
+    lambda rng: cnn.Conv2D(3, 4, 3, padding=1, rng=rng),    # channel-major output, dx as a sum of taps
+    lambda rng: cnn.Conv2D(3, 12, 3, rng=rng),              # channels-last output from image rows
+    lambda rng: cnn.Conv2D(3, 2, 3, stride=2, rng=rng)],    # dx as a convolution
+    ids=["flatten", "relu", "pool2", "pool3s2", "conv3-4", "conv3-12", "conv3-2"])
+def test_layers_give_the_same_numbers_in_every_memory_order_and_return_dx_in_the_inputs(make, layout):
     rng = np.random.default_rng(31)
-    for x in [rng.standard_normal((2, 3, 4, 5)), cnn.nchw_view(rng.standard_normal((2, 4, 5, 3)))]:
-        flatten = cnn.Flatten()
-        y = flatten.forward(x)
-        assert np.array_equal(y, np.ascontiguousarray(x).reshape(2, 60))  # C, H, W order
-        g = rng.standard_normal((2, 60))
-        dx = flatten.backward(g)
-        assert np.array_equal(dx, g.reshape(2, 3, 4, 5))
-        assert cnn.nhwc_memory(dx) == cnn.nhwc_memory(x)
-    assert cnn.nhwc_memory(x) and not cnn.nhwc_memory(np.ascontiguousarray(x))
+    layer = make(rng)
+    x = rng.standard_normal((2, 3, 7, 7)).astype(np.float32)
+    y_ref = layer.forward(x)
+    g = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref = layer.backward(g)
+    xl = in_layout(x, layout)
+    y = layer.forward(xl)
+    dx = layer.backward(g)
+    assert np.allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    assert np.allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    assert cnn.memory_order(dx) == cnn.memory_order(xl)
+
+
+def test_conv_with_few_channels_writes_channel_major_memory_and_pooling_keeps_it():
+    rng = np.random.default_rng(32)
+    conv, pool = cnn.Conv2D(1, 4, 3, rng=rng), cnn.MaxPool2D(2)
+    y = conv.forward(rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
+    assert cnn.memory_order(y) == LAYOUTS["channel-major"]
+    assert cnn.memory_order(pool.forward(y)) == LAYOUTS["channel-major"]
+    wide = cnn.Conv2D(1, 16, 3, rng=rng).forward(rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
+    assert cnn.memory_order(wide) == LAYOUTS["channels-last"]
+    assert cnn.memory_order(pool.forward(wide)) == LAYOUTS["channels-last"]
 
 
 def test_blas_threads_sets_the_count_and_returns_the_previous_one():
