@@ -2222,7 +2222,7 @@ def peak_memory_mb():
 def run_script(args, *, name, title, dataset, build, recipe):
     """Everything a train_*.py script does after parsing its options: find the data,
     train (or resume), evaluate on the test set, write the outputs; or --predict."""
-    started = time.time()
+    started, steal_start = time.time(), cpu_times()
     keep_freed_memory()
     out = args.out or os.path.join("runs", name)
     try:
@@ -2327,6 +2327,26 @@ def _best_time(fn, repeats=3, budget=2.0):
     return best
 
 
+def cpu_times():
+    """(stolen, total) CPU time since boot, in ticks, from Linux's /proc/stat, or None
+    elsewhere.  "Stolen" is time a virtual machine's cores waited for the host: when
+    it is high, every timing here is slower than the machine can do."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return ticks[7], sum(ticks)
+
+
+def cpu_steal_since(start):
+    """The share of CPU time stolen by the host since cpu_times() returned start."""
+    now = cpu_times()
+    if start is None or now is None or now[1] == start[1]:
+        return None
+    return (now[0] - start[0]) / (now[1] - start[1])
+
+
 def matmul_gflops(n=2048):
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     return 2 * n ** 3 / _best_time(lambda: a @ a, 5) / 1e9
@@ -2405,7 +2425,7 @@ def bench(argv):
         print("error: bench needs train_mnist.py, train_fashion.py and train_cifar.py beside cnn.py",
               file=sys.stderr)
         return 2
-    started = time.time()
+    started, steal_start = time.time(), cpu_times()
     keep_freed_memory()
     rng = np.random.default_rng(0)
     peak = matmul_gflops()
@@ -2439,7 +2459,9 @@ def bench(argv):
                                                np.full(3, 120, np.float32), np.full(3, 60, np.float32)))
         train_rate, infer_rate, epoch = bench_network(model, x, labels, batch, epoch_images, steps)
         print(f"  {name:<10}{batch:>6}{train_rate:>13,.0f}{infer_rate:>13,.0f}{epoch:>9.1f}")
-    print(f"\nbench took {time.time() - started:.0f} s")
+    stolen = cpu_steal_since(steal_start)
+    print(f"\nbench took {time.time() - started:.0f} s" +
+          (f"; the host took {stolen:.0%} of this VM's CPU time meanwhile (steal)" if stolen is not None else ""))
     return 0
 
 

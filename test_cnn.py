@@ -1053,3 +1053,12 @@ def test_a_model_with_batchnorm_trains_in_one_piece(monkeypatch):
     # One update (momentum 0.1) with the mean of all six images, not of a slice.
     batch_mean = model.layers[0].forward(x).mean(axis=(0, 2, 3))
     assert np.allclose(model.layers[1].running_mean, 0.1 * batch_mean, rtol=1e-5, atol=1e-8)
+
+
+def test_cpu_steal_share(monkeypatch):
+    monkeypatch.setattr(cnn, "cpu_times", lambda: (30, 1000))
+    assert cnn.cpu_steal_since((10, 800)) == pytest.approx(0.1)  # 20 of 200 ticks stolen
+    assert cnn.cpu_steal_since(None) is None
+    assert cnn.cpu_steal_since((30, 1000)) is None  # no time passed
+    monkeypatch.setattr(cnn, "cpu_times", lambda: None)
+    assert cnn.cpu_steal_since((10, 800)) is None
