@@ -336,7 +336,7 @@ class Conv2D(Layer):
                 # numbers at a time (max pooling 32 images with 4 channels: 0.28 +
                 # 0.19 ms instead of 0.45 + 0.30 channels-last).  With 8 channels
                 # (network 3) the next convolution's copy to channels-last cost more:
-                # its training step was 5 % slower.
+                # its training step was 4-7 % slower.
                 y = W.reshape(f, -1) @ cols_t                      # y: (F, N*Ho*Wo)
                 if "b" in self.params:
                     split_batch(np.add, y, self.params["b"][:, None], y)
