@@ -337,12 +337,12 @@ class Conv2D(Layer):
                 # 0.19 ms instead of 0.45 + 0.30 channels-last).  With 8 channels
                 # (network 3) the next convolution's copy to channels-last cost more:
                 # its training step was 4-7 % slower.
-                y = W.reshape(f, -1) @ cols_t                      # y: (F, N*Ho*Wo)
+                y = thin_matmul(W.reshape(f, -1), cols_t)          # y: (F, N*Ho*Wo)
                 if "b" in self.params:
                     split_batch(np.add, y, self.params["b"][:, None], y)
                 self._keep("channel-major", cols_t, x)
                 return y.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
-            y = cols_t.T @ W.reshape(f, -1).T                      # y: (N*Ho*Wo, F)
+            y = thin_matmul(cols_t.T, W.reshape(f, -1).T)          # y: (N*Ho*Wo, F)
             cache = ("t", cols_t)
         else:                                   # channels-last memory
             cols = scratch(buffers, "cols", (n * ho * wo, self.kh * self.kw * c), x.dtype)  # (N*Ho*Wo, kh*kw*C)
@@ -377,11 +377,11 @@ class Conv2D(Layer):
             layout, cols = self.cache
             if layout == "channel-major":                          # cols: (C*kh*kw, M)
                 gp = grad_out.transpose(1, 0, 2, 3).reshape(f, -1)  # gp: (F, M), no copy
-                dW, db = (cols @ gp.T).T.reshape(f, c, kh, kw), gp @ np.ones(gp.shape[1], gp.dtype)
+                dW, db = thin_matmul(cols, gp.T).T.reshape(f, c, kh, kw), gp @ np.ones(gp.shape[1], gp.dtype)
             else:
                 g2 = nhwc(grad_out).reshape(-1, f)                 # g2: (M, F)
                 if layout == "t":                                  # cols: (C*kh*kw, M)
-                    dW = (cols @ g2).T.reshape(f, c, kh, kw)
+                    dW = thin_matmul(cols, g2).T.reshape(f, c, kh, kw)
                 else:                                              # cols: (M, kh*kw*C)
                     dW = (cols.T @ g2).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
                 db = column_sum(g2)
@@ -494,6 +494,37 @@ def im2col_t(x, kh, kw, stride, out=None):
         return windows.reshape(x.shape[1] * kh * kw, -1)
     batch_first = (3, 0, 1, 2, 4, 5)  # split_batch cuts axis 0
     split_batch(np.copyto, out.reshape(windows.shape).transpose(batch_first), windows.transpose(batch_first))
+    return out
+
+
+SMALL_MATMUL = 100 ** 3  # multiply-adds up to which OpenBLAS uses its small-matrix kernels
+
+
+def thin_matmul(a, b):
+    """a @ b for products with one long dimension and two short ones whose product
+    is at most 256, like the first convolution's (9 or 27 taps, 4 to 16 channels,
+    N*Ho*Wo pixels).  Above SMALL_MATMUL multiply-adds OpenBLAS (0.3.31 on this
+    Xeon) leaves its small-matrix kernel for the general one, which is 2-4x slower
+    on shapes this thin: (6, 9) @ (9, 25088) took 0.14 ms whole and 0.05 ms in
+    blocks, (9, 25088) @ (25088, 6) 0.34 and 0.08 ms.  So the long dimension is
+    cut into blocks under that size, and a long inner dimension is summed block by
+    block.  Other products go to BLAS whole."""
+    (m, k), n = a.shape, b.shape[1]
+    longest = max(m, k, n)
+    short = m * k * n // longest
+    block = max(1, SMALL_MATMUL // short)
+    if short > 256 or longest <= block:
+        return a @ b
+    if longest == k:                                           # sum over blocks of k
+        out = a[:, :block] @ b[:block]
+        for i in range(block, k, block):
+            out += a[:, i:i + block] @ b[i:i + block]
+        return out
+    out = np.empty((m, n), np.result_type(a, b))
+    for i in range(0, longest, block):
+        rows = slice(i, i + block) if longest == m else slice(None)
+        cols = slice(i, i + block) if longest != m else slice(None)
+        np.matmul(a[rows], b[:, cols], out=out[rows, cols])
     return out
 
 

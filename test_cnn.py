@@ -1062,3 +1062,16 @@ def test_cpu_steal_share(monkeypatch):
     assert cnn.cpu_steal_since((30, 1000)) is None  # no time passed
     monkeypatch.setattr(cnn, "cpu_times", lambda: None)
     assert cnn.cpu_steal_since((10, 800)) is None
+
+
+@pytest.mark.parametrize("shapes", [((5000, 9), (9, 6)), ((6, 9), (9, 5000)), ((9, 5000), (5000, 6)),
+                                    ((7, 3), (3, 2)), ((300, 40), (40, 30))])
+def test_thin_matmul_equals_the_plain_product(monkeypatch, shapes):
+    # Blocks of at most 1,000 multiply-adds: 18 rows, columns or inner indices at a
+    # time for the first three; the last two are too small or too wide to cut.
+    monkeypatch.setattr(cnn, "SMALL_MATMUL", 1000)
+    rng = np.random.default_rng(12)
+    a, b = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    product = cnn.thin_matmul(a, b)
+    assert product.shape == (a.shape[0], b.shape[1]) and product.dtype == np.float32
+    assert np.allclose(product, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-4)
