@@ -505,8 +505,9 @@ def thin_matmul(a, b):
     is at most 256, like the first convolution's (9 or 27 taps, 4 to 16 channels,
     N*Ho*Wo pixels).  Above SMALL_MATMUL multiply-adds OpenBLAS (0.3.31 on this
     Xeon) leaves its small-matrix kernel for the general one, which is 2-4x slower
-    on shapes this thin: (6, 9) @ (9, 25088) took 0.14 ms whole and 0.05 ms in
-    blocks, (9, 25088) @ (25088, 6) 0.34 and 0.08 ms.  So the long dimension is
+    on shapes this thin (one core, 32 images): (6, 9) @ (9, 25088) took 0.15 ms
+    whole and 0.05 ms in blocks, (9, 25088) @ (25088, 6) 0.30 and 0.06 ms, network
+    3's (27, 28800) @ (28800, 8) 0.44 and 0.36 ms.  So the long dimension is
     cut into blocks under that size, and a long inner dimension is summed block by
     block.  Other products go to BLAS whole."""
     (m, k), n = a.shape, b.shape[1]
