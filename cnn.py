@@ -377,7 +377,7 @@ class Conv2D(Layer):
             layout, cols = self.cache
             if layout == "channel-major":                          # cols: (C*kh*kw, M)
                 gp = grad_out.transpose(1, 0, 2, 3).reshape(f, -1)  # gp: (F, M), no copy
-                dW, db = thin_matmul(cols, gp.T).T.reshape(f, c, kh, kw), gp @ np.ones(gp.shape[1], gp.dtype)
+                dW, db = thin_matmul(cols, gp.T).T.reshape(f, c, kh, kw), column_sum(gp.T)
             else:
                 g2 = nhwc(grad_out).reshape(-1, f)                 # g2: (M, F)
                 if layout == "t":                                  # cols: (C*kh*kw, M)
@@ -504,7 +504,7 @@ def thin_matmul(a, b):
     """a @ b for products with one long dimension and two short ones whose product
     is at most 256, like the first convolution's (9 or 27 taps, 4 to 16 channels,
     N*Ho*Wo pixels).  Above SMALL_MATMUL multiply-adds OpenBLAS (0.3.31 on this
-    Xeon) leaves its small-matrix kernel for the general one, which is 2-4x slower
+    Xeon) leaves its small-matrix kernel for the general one, up to 5x slower
     on shapes this thin (one core, 32 images): (6, 9) @ (9, 25088) took 0.15 ms
     whole and 0.05 ms in blocks, (9, 25088) @ (25088, 6) 0.30 and 0.06 ms, network
     3's (27, 28800) @ (28800, 8) 0.44 and 0.36 ms.  So the long dimension is
@@ -2254,7 +2254,7 @@ def peak_memory_mb():
 def run_script(args, *, name, title, dataset, build, recipe):
     """Everything a train_*.py script does after parsing its options: find the data,
     train (or resume), evaluate on the test set, write the outputs; or --predict."""
-    started, steal_start = time.time(), cpu_times()
+    started = time.time()
     keep_freed_memory()
     out = args.out or os.path.join("runs", name)
     try:
