@@ -22,20 +22,24 @@ convolution or pooling layer can read the buffer as contiguous NHWC without a co
 Convolutions with fewer than 8 channels write channel-major memory (C, N, H, W)
 instead, where pooling runs along image rows; every layer accepts any memory order.
 Both cores work on every training step and prediction: each runs the whole network
-on its own slice of the batch (split_model), or, for networks with BatchNorm,
-matrix multiplies use every core through BLAS and the element-wise passes and
-copies over large arrays are split over threads (split_batch).
+on its own half of the batch (a forked TwinProcess in training on Linux, threads
+otherwise: split_model), or, for networks with BatchNorm, matrix multiplies use
+every core through BLAS and the element-wise passes and copies over large arrays
+are split over threads (split_batch).
 
 Only the standard library and NumPy are imported here; Pillow is imported inside
 the drawing code, so copying this single file into another project just works.
 """
 import argparse
+import contextlib
 import copy
 import gzip
 import hashlib
 import io
 import json
 import math
+import mmap
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -47,6 +51,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 # After each matrix multiply OpenBLAS keeps its worker threads spinning for about
 # 2^28 cycles (a tenth of a second), so on two cores they would take one core away
@@ -1182,19 +1187,33 @@ def split_model(model, fn, *arrays):
     network on half of the batch in each thread keeps both cores busy from the
     first layer to the last (a network 2 training step took 6.8-8.5 ms instead of
     10.8-11.2 here; network 4, whose BatchNorm only splits in evaluation mode,
-    predicted 1,024 images in 1.4-1.5 s instead of 1.9-2.0).  OpenBLAS is held to
-    one thread meanwhile, or its threads and ours would fight over the cores; where
-    its thread count cannot be set (NumPy built on another BLAS), on one core or
-    for one image, fn runs once, on the whole batch."""
-    global _cores_taken
+    predicted 1,024 images in 1.4-1.5 s instead of 1.9-2.0).  Where os.fork
+    exists, training goes one step further with a TwinProcess.  Where OpenBLAS's
+    thread count cannot be set (NumPy built on another BLAS), on one core or for
+    one image, fn runs once, on the whole batch."""
     parts = min(CORES, len(arrays[0]))
-    blas_before = blas_threads(1) if parts > 1 and not _cores_taken else None
-    if blas_before is None:
-        return [fn(model, *arrays)]
-    _cores_taken = True
-    try:
+    with one_core_each(parts > 1) as taken:
+        if not taken:
+            return [fn(model, *arrays)]
         nets = [model] + [Sequential(*[layer.twin() for layer in model.layers]) for _ in range(parts - 1)]
         return in_parallel(lambda i, *part: fn(nets[i], *part), arrays, parts)
+
+
+@contextlib.contextmanager
+def one_core_each(wanted=True):
+    """Within the block, each thread that runs a slice of the model has a core to
+    itself: OpenBLAS runs on one thread (or its threads and ours would fight over
+    the cores) and split_batch hands nothing to its helpers.  Yields whether it
+    did so: not where OpenBLAS's thread count cannot be set, nor when an outer
+    block already took the cores."""
+    global _cores_taken
+    blas_before = blas_threads(1) if wanted and not _cores_taken else None
+    if blas_before is None:
+        yield False
+        return
+    _cores_taken = True
+    try:
+        yield True
     finally:
         _cores_taken = False
         blas_threads(blas_before)
@@ -1777,51 +1796,185 @@ class Progress:
             print("\r" + " " * 100 + "\r", end="", file=self.stream, flush=True)
 
 
-def train_step(model, loss_fn, x, y):
+def slice_gradient(net, loss_fn, x, y, batch_size):
+    """Forward, loss and backward on a slice (x, y) of a batch of batch_size images:
+    returns (summed loss, logits) and leaves the slice's part of the batch's
+    gradient in net's layers.  The loss gradient is weighted by the slice's share
+    of the batch, so that the slices' gradients add up to the batch's."""
+    logits = net.forward(x)
+    loss = loss_fn.forward(logits, y)
+    grad = loss_fn.backward()
+    if len(y) < batch_size:
+        grad = grad * grad.dtype.type(len(y) / batch_size)
+    net.backward(grad)
+    return loss * len(y), logits
+
+
+def train_step(model, loss_fn, x, y, twin=None):
     """Forward, loss and backward on one batch: returns (mean loss, logits) and
     leaves the gradients in the model's layers.
 
-    A model without batch statistics runs on slices of the batch at once
-    (split_model): each slice's loss gradient is weighted by its share of the batch
-    and the twins' gradients are added to the model's, which is the whole batch's
-    gradient up to float32 rounding.  BatchNorm's statistics need the whole batch,
-    so a model with BatchNorm runs in one piece."""
-    def run(net, x_part, y_part):
-        criterion = loss_fn if net is model else copy.copy(loss_fn)
-        logits = net.forward(x_part)
-        loss = criterion.forward(logits, y_part)
-        grad = criterion.backward()
-        if len(y_part) < len(y):
-            grad = grad * grad.dtype.type(len(y_part) / len(y))
-        net.backward(grad)
-        return loss * len(y_part), logits, net
-
+    A model without batch statistics runs on slices of the batch at once: half
+    in a TwinProcess if one is given, else one slice per thread (split_model),
+    the twins' gradients added to the model's.  Either way the result is the
+    whole batch's gradient up to float32 rounding.  BatchNorm's statistics need
+    the whole batch, so a model with BatchNorm runs in one piece."""
     if any(layer.buffer_names for layer in model.layers):
-        results = [run(model, x, y)]
+        results = [slice_gradient(model, loss_fn, x, y, len(y))]
+    elif twin is not None and twin.fits(x):
+        results = twin.step(x, y)
     else:
+        def run(net, x_part, y_part):
+            criterion = loss_fn if net is model else copy.copy(loss_fn)
+            return slice_gradient(net, criterion, x_part, y_part, len(y)) + (net,)
         results = split_model(model, run, x, y)
-    for _, _, twin in results[1:]:
-        for mine, its in zip(model.layers, twin.layers):
-            for key in mine.grads:
-                mine.grads[key] += its.grads[key]
+        for _, _, net in results[1:]:
+            for mine, its in zip(model.layers, net.layers):
+                for key in mine.grads:
+                    mine.grads[key] += its.grads[key]
     return sum(r[0] for r in results) / len(y), np.concatenate([r[1] for r in results])
+
+
+def shared_array(shape, dtype):
+    """A zeroed array in memory that processes forked after its creation share
+    with this one (an anonymous shared memory map)."""
+    dtype, size = np.dtype(dtype), math.prod(shape)
+    return np.frombuffer(mmap.mmap(-1, max(1, size * dtype.itemsize)), dtype, size).reshape(shape)
+
+
+class TwinProcess:
+    """A forked copy of this process that computes the gradient of the second half
+    of each training batch while this process computes the first half.
+
+    split_model runs the halves in two threads, but only NumPy's loops run
+    outside the GIL: the Python between them, 0.5 to 2 ms per step for networks 1
+    to 3, runs one thread at a time, and each hand-over of the GIL wakes the
+    other thread.  A process has a GIL of its own.  Training step of 64 images
+    here (min of 5 x 100 steps, two runs), threads -> processes: network 1
+    2.9-3.2 -> 1.9-2.0 ms, Fashion 3.8 -> 3.1, network 2 8.1-8.2 -> 5.8-6.7,
+    network 3 12.5-13.6 -> 10.7-10.9.
+
+    Forked at the first step, the twin holds a copy of the model as it was then.
+    At each step it gets the current weights (whatever the optimizer did to
+    them) and its half of the batch through shared memory, runs slice_gradient
+    on its copy of the model, and hands back its gradients the same way; they are
+    added to the model's.  The numbers are those of split_model, bit for bit.
+    Only Linux has a fork that is safe in a process with threads; train_epoch
+    starts a twin for each epoch, so change the layers (not just the weights)
+    only between epochs."""
+
+    @staticmethod
+    def usable(model):
+        return (sys.platform.startswith("linux") and CORES > 1 and blas_threads(None) is not None
+                and not any(layer.buffer_names for layer in model.layers))
+
+    def __init__(self, model, loss_fn):
+        self.model, self.loss_fn, self.process = model, loss_fn, None
+        self.weights = [(layer, key) for layer in model.layers for key in layer.params]
+        self.trained = [(layer, key) for layer in model.layers if getattr(layer, "trainable", True)
+                        for key in layer.params]
+
+    def fits(self, x):
+        return self.process is None or len(x) - len(x) // 2 <= len(self.x)
+
+    def _start(self, x, y):
+        rows = len(x) - len(x) // 2                                # the twin's half of a full batch
+        self.x, self.y = shared_array((rows,) + x.shape[1:], x.dtype), shared_array((rows,), y.dtype)
+        self.shared_weights = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.weights]
+        self.shared_grads = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.trained]
+        self.pipe, twin_end = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("fork").Process(
+            target=self._serve, args=(twin_end,), daemon=True)
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork in a process with threads.  Ours (split_batch's
+            # helpers, OpenBLAS's) hold no lock while idle, and the twin starts none.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.process.start()
+        twin_end.close()
+
+    def step(self, x, y):
+        """[(summed loss, logits)] of this process's half and of the twin's; the
+        model's gradients are the whole batch's afterwards."""
+        if self.process is None:
+            self._start(x, y)
+        n, half = len(x), len(x) // 2
+        for (layer, key), shared in zip(self.weights, self.shared_weights):
+            np.copyto(shared, layer.params[key])
+        self.x[:n - half], self.y[:n - half] = x[half:], y[half:]
+        try:
+            self.pipe.send((n, n - half))
+        except OSError:
+            self._died()
+        with one_core_each():
+            mine = slice_gradient(self.model, self.loss_fn, x[:half], y[:half], n)
+        try:
+            reply = self.pipe.recv()
+        except EOFError:
+            self._died()
+        if isinstance(reply, str):
+            raise RuntimeError(f"the twin training process failed: {reply}")
+        for (layer, key), shared in zip(self.trained, self.shared_grads):
+            layer.grads[key] += shared
+        return [mine, reply]
+
+    def _died(self):
+        self.process.join(1)
+        raise RuntimeError(f"the twin training process died (exit code {self.process.exitcode})") from None
+
+    def _serve(self, pipe):
+        """The twin's loop, until the pipe closes.  Ctrl-C is the parent's to handle."""
+        global _cores_taken
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.pipe.close()    # the parent's end: the pipe must close when the parent closes it
+        _cores_taken = True  # its helper threads did not survive the fork
+        blas_threads(1)
+        for (layer, key), shared in zip(self.weights, self.shared_weights):
+            layer.params[key] = shared
+        while True:
+            try:
+                n, rows = pipe.recv()
+            except EOFError:
+                return
+            try:
+                reply = slice_gradient(self.model, self.loss_fn, self.x[:rows], self.y[:rows], n)
+                for (layer, key), shared in zip(self.trained, self.shared_grads):
+                    np.copyto(shared, layer.grads[key])
+            except Exception as error:
+                reply = f"{type(error).__name__}: {error}"
+            try:
+                pipe.send(reply)
+            except OSError:  # the parent closed the pipe
+                return
+
+    def close(self):
+        if self.process is not None:
+            self.pipe.close()
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.terminate()
+            self.process = None
 
 
 def train_epoch(model, loss_fn, optimizer, schedule, batches, step, progress):
     """One pass over `batches`; returns (mean loss, accuracy, next step number)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in batches:
-        optimizer.lr = schedule(step)
-        loss, logits = train_step(model, loss_fn, x, y)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"the loss became {loss} at step {step}")
-        optimizer.step()
-        step += 1
-        total_loss += loss * len(y)
-        correct += int((logits.argmax(axis=1) == y).sum())
-        seen += len(y)
-        progress.update(seen, total_loss / seen)
+    twin = TwinProcess(model, loss_fn) if TwinProcess.usable(model) else None
+    try:
+        for x, y in batches:
+            optimizer.lr = schedule(step)
+            loss, logits = train_step(model, loss_fn, x, y, twin)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"the loss became {loss} at step {step}")
+            optimizer.step()
+            step += 1
+            total_loss += loss * len(y)
+            correct += int((logits.argmax(axis=1) == y).sum())
+            seen += len(y)
+            progress.update(seen, total_loss / seen)
+    finally:
+        if twin is not None:
+            twin.close()
     progress.close()
     return total_loss / seen, correct / seen, step
 
@@ -2201,9 +2354,9 @@ def keep_freed_memory():
 
 def blas_threads(count):
     """Let OpenBLAS, the matrix-multiply library inside NumPy's wheels, use `count`
-    threads; returns how many it used before, or None where it cannot be found
-    (NumPy built on another BLAS), in which case nothing changed.  Setting it takes
-    about a microsecond, so split_model does it around every call."""
+    threads (count None: leave it); returns how many it used before, or None where
+    it cannot be found (NumPy built on another BLAS), in which case nothing changed.
+    Setting it takes about a microsecond, so split_model does it around every call."""
     global _openblas
     if _openblas is None:
         _openblas = _find_openblas()
@@ -2211,7 +2364,8 @@ def blas_threads(count):
         return None
     set_threads, get_threads = _openblas
     before = get_threads()
-    set_threads(count)
+    if count is not None:
+        set_threads(count)
     return before
 
 
@@ -2435,12 +2589,18 @@ def bench_network(model, x, labels, batch_size, epoch_images, steps):
     images = np.random.default_rng(0).integers(0, 256, (batch_size,) + x.shape[1:]).astype(np.uint8)
     mean, std = np.full(x.shape[1], 120, np.float32), np.full(x.shape[1], 60, np.float32)
 
+    twin = TwinProcess(model, loss_fn) if TwinProcess.usable(model) else None  # as train_epoch
+
     def train_steps():
         model.train()
         for _ in range(steps):
-            train_step(model, loss_fn, normalize(images, mean, std), labels[:batch_size])
+            train_step(model, loss_fn, normalize(images, mean, std), labels[:batch_size], twin)
             optimizer.step()
-    train_rate = steps * batch_size / _best_time(train_steps, 2)
+    try:
+        train_rate = steps * batch_size / _best_time(train_steps, 2)
+    finally:
+        if twin is not None:
+            twin.close()
     test = np.random.default_rng(1).integers(0, 256, (2000,) + x.shape[1:]).astype(np.uint8)
     infer_rate = len(test) / _best_time(lambda: predict_logits(model, test, mean, std), 2)
     return train_rate, infer_rate, epoch_images / train_rate

@@ -5,6 +5,7 @@ import gzip
 import http.server
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -1053,6 +1054,93 @@ def test_a_model_with_batchnorm_trains_in_one_piece(monkeypatch):
     # One update (momentum 0.1) with the mean of all six images, not of a slice.
     batch_mean = model.layers[0].forward(x).mean(axis=(0, 2, 3))
     assert np.allclose(model.layers[1].running_mean, 0.1 * batch_mean, rtol=1e-5, atol=1e-8)
+
+
+def small_model(rng):
+    return cnn.Sequential(
+        cnn.Conv2D(3, 4, 3, padding=1, rng=rng), cnn.MaxPool2D(2), cnn.ReLU(),
+        cnn.Conv2D(4, 6, 3, rng=rng), cnn.ReLU(), cnn.Flatten(),
+        cnn.Dense(24, 5, rng=rng), cnn.ReLU(), cnn.Dense(5, 3, rng=rng))
+
+
+needs_twin = pytest.mark.skipif(not cnn.TwinProcess.usable(cnn.Sequential()),
+                                reason="a TwinProcess needs Linux, 2 cores and OpenBLAS")
+
+
+@needs_twin
+def test_twin_process_gives_the_thread_splits_numbers_with_the_current_weights(monkeypatch):
+    # Both split 7 images into 3 + 4 and run each half on one BLAS thread, so the
+    # numbers are equal bit for bit.  An SGD step between steps must reach the twin.
+    monkeypatch.setattr(cnn, "CORES", 2)
+    rng = np.random.default_rng(7)
+    model, loss_fn = small_model(rng), cnn.SoftmaxCrossEntropy()
+    optimizer = cnn.SGD(model.parameters(), 0.5, momentum=0.9)
+    x = rng.standard_normal((9, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 9)
+    twin = cnn.TwinProcess(model, loss_fn)
+    steps = []
+    try:
+        for batch in (7, 7, 5, 9):  # 9 > 7: more than the twin's buffers hold, threads take it
+            results = []
+            for helper in (twin, None):
+                loss, logits = cnn.train_step(model, loss_fn, x[:batch], y[:batch], helper)
+                results.append([loss, logits] + [a.copy() for layer in model.layers for a in layer.grads.values()])
+            steps.append(twin.process)
+            with_twin, with_threads = results
+            assert len(with_twin) == 2 + 8
+            assert with_twin[0] == with_threads[0]
+            for a, b in zip(with_twin[1:], with_threads[1:]):
+                assert a.shape == b.shape and np.array_equal(a, b)
+            optimizer.step()
+        assert len(set(steps)) == 1  # one process all along
+    finally:
+        twin.close()
+    assert steps[0].exitcode == 0  # it ended when the pipe closed
+
+
+@needs_twin
+def test_twin_process_failure_and_death_are_reported(monkeypatch):
+    monkeypatch.setattr(cnn, "CORES", 2)
+    rng = np.random.default_rng(8)
+    model, loss_fn = small_model(rng), cnn.SoftmaxCrossEntropy()
+    x = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
+    twin = cnn.TwinProcess(model, loss_fn)
+    try:
+        with pytest.raises(RuntimeError, match="twin training process failed: IndexError"):
+            cnn.train_step(model, loss_fn, x, np.array([0, 1, 2, 0, 1, 7]), twin)  # 7: no such class
+        cnn.train_step(model, loss_fn, x, np.array([0, 1, 2, 0, 1, 2]), twin)  # it carries on
+        twin.process.kill()
+        twin.process.join()
+        with pytest.raises(RuntimeError, match="twin training process died"):
+            cnn.train_step(model, loss_fn, x, np.array([0, 1, 2, 0, 1, 2]), twin)
+    finally:
+        twin.close()
+
+
+@needs_twin
+def test_train_epoch_runs_every_step_with_one_twin_and_ends_it(monkeypatch):
+    monkeypatch.setattr(cnn, "CORES", 2)
+    started, steps = [], []
+    real_start, real_step = cnn.TwinProcess._start, cnn.TwinProcess.step
+
+    def start(twin, x, y):
+        real_start(twin, x, y)
+        started.append(twin.process)
+
+    def step(twin, x, y):
+        steps.append(len(x))
+        return real_step(twin, x, y)
+    monkeypatch.setattr(cnn.TwinProcess, "_start", start)
+    monkeypatch.setattr(cnn.TwinProcess, "step", step)
+    rng = np.random.default_rng(9)
+    model, loss_fn = small_model(rng), cnn.SoftmaxCrossEntropy()
+    images = rng.integers(0, 256, (20, 3, 8, 8)).astype(np.uint8)
+    labels = rng.integers(0, 3, 20)
+    batches = cnn.iterate_batches(images, labels, 8, np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32))
+    loss, accuracy, next_step = cnn.train_epoch(model, loss_fn, cnn.SGD(model.parameters(), 0.1),
+                                                cnn.constant_lr(0.1), batches, 0, cnn.Progress(1, 1, 20))
+    assert steps == [8, 8, 4] and next_step == 3 and math.isfinite(loss) and 0 <= accuracy <= 1
+    assert len(started) == 1 and started[0].exitcode == 0
 
 
 def test_cpu_steal_share(monkeypatch):
