@@ -1879,7 +1879,10 @@ class TwinProcess:
 
     def _start(self, x, y):
         rows = len(x) - len(x) // 2                                # the twin's half of a full batch
+        logits = self.model.predict(x[:1])                         # for the shape of the output
         self.x, self.y = shared_array((rows,) + x.shape[1:], x.dtype), shared_array((rows,), y.dtype)
+        self.logits = shared_array((rows,) + logits.shape[1:], logits.dtype)
+        self.numbers = shared_array((3,), np.float64)             # batch size, rows, summed loss
         self.shared_weights = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.weights]
         self.shared_grads = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.trained]
         self.pipe, twin_end = multiprocessing.Pipe()
@@ -1894,28 +1897,31 @@ class TwinProcess:
 
     def step(self, x, y):
         """[(summed loss, logits)] of this process's half and of the twin's; the
-        model's gradients are the whole batch's afterwards."""
+        model's gradients are the whole batch's afterwards.  Everything goes through
+        shared memory; the pipe only carries "go" and "done" (empty) or an error
+        message, and its reads and writes order the memory accesses around them."""
         if self.process is None:
             self._start(x, y)
         n, half = len(x), len(x) // 2
         for (layer, key), shared in zip(self.weights, self.shared_weights):
             np.copyto(shared, layer.params[key])
         self.x[:n - half], self.y[:n - half] = x[half:], y[half:]
+        self.numbers[:2] = n, n - half
         try:
-            self.pipe.send((n, n - half))
+            self.pipe.send_bytes(b"go")
         except OSError:
             self._died()
         with one_core_each():
             mine = slice_gradient(self.model, self.loss_fn, x[:half], y[:half], n)
         try:
-            reply = self.pipe.recv()
+            error = self.pipe.recv_bytes()
         except EOFError:
             self._died()
-        if isinstance(reply, str):
-            raise RuntimeError(f"the twin training process failed: {reply}")
+        if error:
+            raise RuntimeError(f"the twin training process failed: {error.decode()}")
         for (layer, key), shared in zip(self.trained, self.shared_grads):
             layer.grads[key] += shared
-        return [mine, reply]
+        return [mine, (self.numbers[2], self.logits[:n - half].copy())]
 
     def _died(self):
         self.process.join(1)
@@ -1932,17 +1938,20 @@ class TwinProcess:
             layer.params[key] = shared
         while True:
             try:
-                n, rows = pipe.recv()
+                pipe.recv_bytes()
             except EOFError:
                 return
+            n, rows = int(self.numbers[0]), int(self.numbers[1])
+            error = b""
             try:
-                reply = slice_gradient(self.model, self.loss_fn, self.x[:rows], self.y[:rows], n)
+                self.numbers[2], self.logits[:rows] = slice_gradient(
+                    self.model, self.loss_fn, self.x[:rows], self.y[:rows], n)
                 for (layer, key), shared in zip(self.trained, self.shared_grads):
                     np.copyto(shared, layer.grads[key])
-            except Exception as error:
-                reply = f"{type(error).__name__}: {error}"
+            except Exception as exception:
+                error = f"{type(exception).__name__}: {exception}".encode()
             try:
-                pipe.send(reply)
+                pipe.send_bytes(error)
             except OSError:  # the parent closed the pipe
                 return
 
