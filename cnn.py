@@ -1187,8 +1187,8 @@ def split_model(model, fn, *arrays):
     network on half of the batch in each thread keeps both cores busy from the
     first layer to the last (a network 2 training step took 6.8-8.5 ms instead of
     10.8-11.2 here; network 4, whose BatchNorm only splits in evaluation mode,
-    predicted 1,024 images in 1.4-1.5 s instead of 1.9-2.0).  Where os.fork
-    exists, training goes one step further with a TwinProcess.  Where OpenBLAS's
+    predicted 1,024 images in 1.4-1.5 s instead of 1.9-2.0).  On Linux, training
+    goes one step further with a TwinProcess.  Where OpenBLAS's
     thread count cannot be set (NumPy built on another BLAS), on one core or for
     one image, fn runs once, on the whole batch."""
     parts = min(CORES, len(arrays[0]))
@@ -1858,7 +1858,8 @@ class TwinProcess:
     At each step it gets the current weights (whatever the optimizer did to
     them) and its half of the batch through shared memory, runs slice_gradient
     on its copy of the model, and hands back its gradients the same way; they are
-    added to the model's.  The numbers are those of split_model, bit for bit.
+    added to the model's.  The numbers are those of split_model on two cores, bit
+    for bit.
     Only Linux has a fork that is safe in a process with threads; train_epoch
     starts a twin for each epoch, so change the layers (not just the weights)
     only between epochs."""
@@ -1911,12 +1912,14 @@ class TwinProcess:
             self.pipe.send_bytes(b"go")
         except OSError:
             self._died()
-        with one_core_each():
-            mine = slice_gradient(self.model, self.loss_fn, x[:half], y[:half], n)
         try:
-            error = self.pipe.recv_bytes()
-        except EOFError:
-            self._died()
+            with one_core_each():
+                mine = slice_gradient(self.model, self.loss_fn, x[:half], y[:half], n)
+        finally:  # even if this half failed: the next step must not read this step's answer
+            try:
+                error = self.pipe.recv_bytes()
+            except EOFError:
+                self._died()
         if error:
             raise RuntimeError(f"the twin training process failed: {error.decode()}")
         for (layer, key), shared in zip(self.trained, self.shared_grads):

@@ -1108,7 +1108,16 @@ def test_twin_process_failure_and_death_are_reported(monkeypatch):
     try:
         with pytest.raises(RuntimeError, match="twin training process failed: IndexError"):
             cnn.train_step(model, loss_fn, x, np.array([0, 1, 2, 0, 1, 7]), twin)  # 7: no such class
-        cnn.train_step(model, loss_fn, x, np.array([0, 1, 2, 0, 1, 2]), twin)  # it carries on
+        with pytest.raises(IndexError):  # this time in this process's half
+            cnn.train_step(model, loss_fn, x, np.array([7, 1, 2, 0, 1, 2]), twin)
+        # Both carry on, and the next step reads its own answer, not the failed step's.
+        good = np.array([0, 1, 2, 2, 0, 1])  # the twin's half differs from the failed step's
+        loss, logits = cnn.train_step(model, loss_fn, x, good, twin)
+        grads = [a.copy() for layer in model.layers for a in layer.grads.values()]
+        loss_threads, logits_threads = cnn.train_step(model, loss_fn, x, good)
+        assert loss == loss_threads and np.array_equal(logits, logits_threads)
+        for a, b in zip(grads, (a for layer in model.layers for a in layer.grads.values())):
+            assert np.array_equal(a, b)
         twin.process.kill()
         twin.process.join()
         with pytest.raises(RuntimeError, match="twin training process died"):
