@@ -255,16 +255,27 @@ class Conv2D(Layer):
         p, s = self.padding, self.stride
         return (h + 2 * p - self.kh) // s + 1, (w + 2 * p - self.kw) // s + 1
 
-    def forward(self, x):
+    def forward(self, x, pool=None):
+        """pool: the MaxPool2D layer that follows this one, run as part of this call
+        where fuses(pool) (Sequential passes it): the result is then the pooled
+        output, and backward takes the gradient of that."""
         check_input(self, x, self.in_channels)
         ho, wo = self.output_size(*x.shape[2:])
         if ho < 1 or wo < 1:
             raise ValueError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel")
-        return self._forward_loop(x) if self.impl == "loop" else self._forward_fast(x)
+        if pool is not None and not self.fuses(pool):
+            raise ValueError(f"{self!r} cannot run {pool!r} as part of its forward pass")
+        return self._forward_loop(x) if self.impl == "loop" else self._forward_fast(x, pool)
+
+    def fuses(self, pool):
+        """Whether forward can run `pool`, a MaxPool2D right after this layer, as
+        part of its own call: both vectorized, and windows that do not overlap."""
+        return self.impl == pool.impl == "fast" and pool.stride == pool.k
 
     def backward(self, grad_out, input_grad=True):
-        """grad_out: (N, F, Ho, Wo).  input_grad=False skips dL/dx (the first layer's
-        is never used) and returns None."""
+        """grad_out: (N, F, Ho, Wo), or the pooled output's gradient if forward ran a
+        pool.  input_grad=False skips dL/dx (the first layer's is never used) and
+        returns None."""
         if self.impl == "loop":
             return self._backward_loop(grad_out, input_grad)
         return self._backward_fast(grad_out, input_grad)
@@ -320,7 +331,7 @@ class Conv2D(Layer):
                 self.grads["b"] = db
 
     # -- vectorized version -----------------------------------------------------------
-    def _forward_fast(self, x):
+    def _forward_fast(self, x, pool):
         """im2col + one matrix multiply.
 
         im2col copies every receptive field into one row of a matrix `cols` of shape
@@ -331,15 +342,27 @@ class Conv2D(Layer):
         memory (what every fast layer outputs) each run is C numbers of one pixel; from
         NCHW memory (images straight from the data, C = 1 or 3) we build the transposed
         matrix cols^T instead, whose rows are contiguous image rows, and BLAS reads the
-        transpose for free."""
+        transpose for free.
+
+        With a max pool of k x k windows after it, the rows of cols are put in
+        pooling-phase order (see pooling_phases): for each image, first the pixels at
+        offset (0, 0) of their window, then those at (0, 1), and so on.  Each window
+        offset is then one contiguous block of y, and pooling runs over whole blocks
+        instead of strided slices, whose inner loops are only C numbers long in
+        channels-last memory: network 2's first pooling took 0.15 + 0.23 ms instead of
+        0.50 + 0.43 for 32 images on one core.  Pixels that no window covers are not
+        computed at all."""
         W, p = self.params["W"], self.padding
         n, c, h, w = x.shape
         ho, wo = self.output_size(h, w)
-        f = self.out_channels
+        f, k = self.out_channels, 1 if pool is None else pool.k
+        if min(ho, wo) < k:
+            raise ValueError(f"{pool!r}: input {(n, f, ho, wo)} is smaller than the window")
+        pixels = n * k * k * (ho // k) * (wo // k)                 # rows of cols: N*Ho*Wo unpooled
         buffers = self.buffers if self.training else TRANSIENT  # evaluation keeps no cache
         if memory_order(x)[2:] == (2, 3) and c < 8:  # image rows contiguous: rows of cols^T
-            cols_t = scratch(buffers, "cols", (c * self.kh * self.kw, n * ho * wo), x.dtype)  # (C*kh*kw, N*Ho*Wo)
-            im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride, out=cols_t)
+            cols = scratch(buffers, "cols", (c * self.kh * self.kw, pixels), x.dtype)  # cols^T: (C*kh*kw, M)
+            im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride, out=cols, pool=k)
             if f < 8:
                 # Channel-major output, (F, N*Ho*Wo) = W @ cols^T: with this few
                 # channels, pooling and bias run along image rows instead of over F
@@ -347,30 +370,38 @@ class Conv2D(Layer):
                 # 0.19 ms instead of 0.45 + 0.30 channels-last).  With 8 channels
                 # (network 3) the next convolution's copy to channels-last cost more:
                 # its training step was 4-7 % slower.
-                y = thin_matmul(W.reshape(f, -1), cols_t)          # y: (F, N*Ho*Wo)
-                if "b" in self.params:
-                    split_batch(np.add, y, self.params["b"][:, None], y)
-                self._keep("channel-major", cols_t, x)
-                return y.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
-            y = thin_matmul(cols_t.T, W.reshape(f, -1).T)          # y: (N*Ho*Wo, F)
-            cache = ("t", cols_t)
+                layout, y = "channel-major", thin_matmul(W.reshape(f, -1), cols)  # y: (F, M)
+            else:
+                layout, y = "t", thin_matmul(cols.T, W.reshape(f, -1).T)        # y: (M, F)
         else:                                   # channels-last memory
-            cols = scratch(buffers, "cols", (n * ho * wo, self.kh * self.kw * c), x.dtype)  # (N*Ho*Wo, kh*kw*C)
-            im2col(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, out=cols)
-            y = cols @ W.transpose(2, 3, 1, 0).reshape(-1, f)      # y: (N*Ho*Wo, F)
-            cache = ("nhwc", cols)
-        if "b" in self.params:
-            # Image by image, against the biases repeated Ho*Wo times: broadcasting b
+            cols = scratch(buffers, "cols", (pixels, self.kh * self.kw * c), x.dtype)  # cols: (M, kh*kw*C)
+            im2col(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, out=cols, pool=k)
+            layout, y = "nhwc", cols @ W.transpose(2, 3, 1, 0).reshape(-1, f)  # y: (M, F)
+        if "b" in self.params and layout == "channel-major":
+            split_batch(np.add, y, self.params["b"][:, None], y)
+        elif "b" in self.params:
+            # Image by image, against the biases repeated for each pixel: broadcasting b
             # alone makes NumPy run its inner loop over only F numbers at a time, 5x
             # slower with 4 channels (measured 0.28 vs 0.05 ms for 64 images of network 1).
-            rows = np.tile(self.params["b"], ho * wo)                 # rows: (Ho*Wo*F,)
+            rows = np.tile(self.params["b"], pixels // n)             # rows: (pixels of an image * F,)
             split_batch(lambda y: np.add(y, rows, out=y), y.reshape(n, -1))
-        self._keep(*cache, x)
-        return nchw_view(y.reshape(n, ho, wo, f))
-
-    def _keep(self, layout, cols, x):
         if self.training:
             self.cache, self.x_shape, self.x_order = (layout, cols), x.shape, memory_order(x)
+            self.pool, self.y_shape = pool, y.shape
+        if pool is not None:
+            order = (1, 0, 2, 3) if layout == "channel-major" else (0, 2, 3, 1)
+            return pool.pool_windows(self._output_windows(y, layout, n, ho, wo, k), order)
+        if layout == "channel-major":
+            return y.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
+        return nchw_view(y.reshape(n, ho, wo, f))
+
+    def _output_windows(self, y, layout, n, ho, wo, k):
+        """The (N, F, Ho/k, Wo/k, k, k) windows view of an output matrix y whose
+        pixels are in pooling-phase order."""
+        hq, wq = ho // k, wo // k
+        if layout == "channel-major":                              # y: (F, N*k*k*Hq*Wq)
+            return y.reshape(self.out_channels, n, k, k, hq, wq).transpose(1, 0, 4, 5, 2, 3)
+        return y.reshape(n, k, k, hq, wq, self.out_channels).transpose(0, 5, 3, 4, 1, 2)
 
     def _backward_fast(self, grad_out, input_grad):
         """dW is the forward matrix multiply run backwards: cols^T @ g, and db the
@@ -382,24 +413,35 @@ class Conv2D(Layer):
         1.6-1.9 vs 1.3-1.5 and 64 -> 64 15-18 vs 12-13).  dL/dx is returned in the
         memory order of the input."""
         n, c, h, w = self.x_shape
+        ho, wo = self.output_size(h, w)
         f, kh, kw = self.out_channels, self.kh, self.kw
+        layout, cols = self.cache
+        if self.pool is None:                                      # gm: like y, (F, M) or (M, F)
+            gm = grad_out.transpose(1, 0, 2, 3).reshape(f, -1) if layout == "channel-major" \
+                else nhwc(grad_out).reshape(-1, f)
+        else:                                                      # the pool's backward, into gm
+            k = self.pool.k
+            gm = np.empty(self.y_shape, grad_out.dtype)
+            self.pool.route(grad_out, self._output_windows(gm, layout, n, ho, wo, k))
         if self.trainable:
-            layout, cols = self.cache
-            if layout == "channel-major":                          # cols: (C*kh*kw, M)
-                gp = grad_out.transpose(1, 0, 2, 3).reshape(f, -1)  # gp: (F, M), no copy
-                dW, db = thin_matmul(cols, gp.T).T.reshape(f, c, kh, kw), column_sum(gp.T)
-            else:
-                g2 = nhwc(grad_out).reshape(-1, f)                 # g2: (M, F)
+            if layout == "channel-major":                          # cols: (C*kh*kw, M), gm: (F, M)
+                dW, db = thin_matmul(cols, gm.T).T.reshape(f, c, kh, kw), column_sum(gm.T)
+            else:                                                  # gm: (M, F)
                 if layout == "t":                                  # cols: (C*kh*kw, M)
-                    dW = thin_matmul(cols, g2).T.reshape(f, c, kh, kw)
+                    dW = thin_matmul(cols, gm).T.reshape(f, c, kh, kw)
                 else:                                              # cols: (M, kh*kw*C)
-                    dW = (cols.T @ g2).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
-                db = column_sum(g2)
+                    dW = (cols.T @ gm).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
+                db = column_sum(gm)
             self._set_grads(np.ascontiguousarray(dW), db)
         if not input_grad:
             return None
-        g = nhwc(grad_out)                                         # g: (N, Ho, Wo, F)
-        dx = self._input_grad_sum(g.reshape(-1, f), *g.shape[1:3]) if c < f else self._input_grad_conv(g)
+        if self.pool is None:
+            g = nhwc(grad_out)                                     # g: (N, Ho, Wo, F)
+        else:  # back from pooling-phase order to pixels, zeros where no window covered
+            g = (np.empty if (ho % k, wo % k) == (0, 0) else np.zeros)((n, ho, wo, f), gm.dtype)
+            pixels = self._output_windows(gm, layout, n, ho, wo, k).transpose(0, 2, 3, 1, 4, 5)  # (N, Hq, Wq, F, k, k)
+            split_batch(np.copyto, windows(g, k, k, k, (1, 2), writeable=True), pixels)
+        dx = self._input_grad_sum(g.reshape(-1, f), ho, wo) if c < f else self._input_grad_conv(g)
         return in_memory_order(dx, self.x_order)
 
     def _input_grad_conv(self, g):
@@ -484,36 +526,57 @@ def scratch(buffers, name, shape, dtype):
     return buffer[:size].reshape(shape)
 
 
-def windows(x, kh, kw, stride, axes):
+def windows(x, kh, kw, stride, axes, writeable=False):
     """All kh x kw windows of x along the two spatial `axes`, every stride-th one,
     as a view (no copy) with the two window axes appended: window (i, j) starts
     at pixel (i*stride, j*stride), so its axes step by stride pixels and the
     window's own by one.  (np.lib.stride_tricks.sliding_window_view does the same
-    with a stride of 1 and more checks: 16 microseconds a call here, against 7.)"""
+    with a stride of 1 and more checks: 16 microseconds a call here, against 7.)
+    A writeable view of windows that overlap holds each pixel more than once: write
+    into it one window offset [..., u, v] at a time."""
     (a, b), shape, strides = axes, list(x.shape), list(x.strides)
     shape[a], shape[b] = (x.shape[a] - kh) // stride + 1, (x.shape[b] - kw) // stride + 1
     strides[a], strides[b] = x.strides[a] * stride, x.strides[b] * stride
     return np.lib.stride_tricks.as_strided(x, shape + [kh, kw], strides + [x.strides[a], x.strides[b]],
-                                           writeable=False)
+                                           writeable=writeable)
 
 
-def im2col(x, kh, kw, stride, out):
+def pooling_phases(pixels, k, axis):
+    """pixels: an array whose axes axis, axis+1 are output pixels (i, j) ->
+    (..., k, k, Ho // k, Wo // k, ...): the pixels that k x k pooling windows with
+    stride k cover, grouped by their offset (u, v) in their window: [..., u, v, i, j,
+    ...] is pixel (i*k + u, j*k + v).  A view; pixels no window covers (the last
+    row or column when Ho or Wo is odd and k = 2) are left out."""
+    hq, wq = pixels.shape[axis] // k, pixels.shape[axis + 1] // k
+    covered = pixels[(slice(None),) * axis + (slice(0, hq * k), slice(0, wq * k))]
+    split = covered.reshape(pixels.shape[:axis] + (hq, k, wq, k) + pixels.shape[axis + 2:])
+    order = list(range(split.ndim))
+    order[axis:axis + 4] = axis + 1, axis + 3, axis, axis + 2
+    return split.transpose(order)
+
+
+def im2col(x, kh, kw, stride, out, pool=1):
     """x: (N, H, W, C) -> cols: (N*Ho*Wo, kh*kw*C), row r = receptive field of output
     pixel r in (u, v, c) order, written into out: one copy of the windows' view
-    lays them out as matrix rows."""
+    lays them out as matrix rows.  pool > 1: rows in pooling-phase order (see
+    pooling_phases), N*Ho*Wo becomes N * pool**2 * (Ho // pool) * (Wo // pool)."""
     cells = windows(x, kh, kw, stride, (1, 2)).transpose(0, 1, 2, 4, 5, 3)  # (N, Ho, Wo, kh, kw, C)
+    if pool > 1:
+        cells = pooling_phases(cells, pool, 1)                     # (N, k, k, Ho/k, Wo/k, kh, kw, C)
     split_batch(np.copyto, out.reshape(cells.shape), cells)
     return out
 
 
-def im2col_t(x, kh, kw, stride, out=None):
+def im2col_t(x, kh, kw, stride, out=None, pool=1):
     """x: (N, C, H, W) -> cols^T: (C*kh*kw, N*Ho*Wo), the transpose of im2col's
     matrix built from NCHW memory (written into out if given): each copy moves a
-    run of Wo neighbouring pixels."""
+    run of Wo neighbouring pixels (every pool-th pixel with pool > 1)."""
     cells = windows(x, kh, kw, stride, (2, 3)).transpose(1, 4, 5, 0, 2, 3)  # (C, kh, kw, N, Ho, Wo)
+    if pool > 1:
+        cells = pooling_phases(cells, pool, 4)                     # (C, kh, kw, N, k, k, Ho/k, Wo/k)
     if out is None:
         return cells.reshape(x.shape[1] * kh * kw, -1)
-    batch_first = (3, 0, 1, 2, 4, 5)  # split_batch cuts axis 0
+    batch_first = (3, 0, 1, 2) + tuple(range(4, cells.ndim))  # split_batch cuts axis 0
     split_batch(np.copyto, out.reshape(cells.shape).transpose(batch_first), cells.transpose(batch_first))
     return out
 
@@ -612,63 +675,65 @@ class MaxPool2D(Layer):
                         dx[n, c, i * s + u, j * s + v] += grad_out[n, c, i, j]
         return dx
 
-    def _window_slices(self, ho, wo):
-        """The k*k strided slices of the input: slice t = (u, v) holds, for every
-        output pixel, the window element at offset (u, v).  Pooling becomes k*k
-        elementwise operations over whole arrays, for any kernel, stride or size,
-        and in any memory order: NumPy runs its inner loop along the innermost axis,
-        channels in channels-last memory, image rows in channel-major memory."""
-        s = self.stride
-        for u in range(self.k):
-            for v in range(self.k):
-                yield (slice(None), slice(None), slice(u, u + s * ho, s), slice(v, v + s * wo, s))
-
     def _forward_fast(self, x):
-        """Running maximum over the k*k window slices; `which` remembers the offset
-        of the first maximum (strict > keeps the earliest), so backward does not
-        search again.  The output keeps x's memory order."""
-        n, c, h, w = x.shape
-        order = memory_order(x)
-        y = empty_in_order((n, c, *self.output_size(h, w)), order, x.dtype)  # y: (N, C, Ho, Wo)
-        which = empty_in_order(y.shape, order, np.uint8) if self.training else None  # which: like y
-        split_batch(self._max, x, y, which)
+        """The window offsets (u, v) of windows(x) are k*k strided slices of x:
+        pooling becomes k*k element-wise operations over whole arrays, for any
+        kernel, stride or size, and in any memory order (NumPy runs its inner loop
+        along the innermost axis: channels in channels-last memory, image rows in
+        channel-major memory).  The output keeps x's memory order."""
+        y = self.pool_windows(windows(x, self.k, self.k, self.stride, (2, 3)), memory_order(x))
         if self.training:
-            self.which, self.x_shape, self.x_order = which, x.shape, order
+            self.x_shape, self.x_order = x.shape, memory_order(x)
         return y
 
-    def _max(self, x, y, which):
-        slices = list(self._window_slices(*y.shape[2:]))
-        np.copyto(y, x[slices[0]])
+    def pool_windows(self, cells, order):
+        """Max over the windows in cells (N, C, Ho, Wo, k, k), [..., u, v] being offset
+        (u, v) of window (i, j): a running maximum over the k*k offsets, where `which`
+        remembers the offset of the first maximum (strict > keeps the earliest), so
+        backward does not search again.  Returns y (N, C, Ho, Wo) in memory order
+        `order`.  Conv2D calls it directly with its output's windows when this layer
+        follows it (see Conv2D.forward)."""
+        y = empty_in_order(cells.shape[:4], order, cells.dtype)                 # y: (N, C, Ho, Wo)
+        which = empty_in_order(y.shape, order, np.uint8) if self.training else None  # which: like y
+        split_batch(self._max, cells, y, which)
+        if self.training:
+            self.which = which
+        return y
+
+    def _max(self, cells, y, which):
+        np.copyto(y, cells[..., 0, 0])
         if which is not None:
             which.fill(0)
-        for t, sl in enumerate(slices[1:], 1):
-            candidate = x[sl]
-            if which is not None:  # which = t where candidate > y, else unchanged (uint8 arithmetic)
-                which += (candidate > y).view(np.uint8) * (np.uint8(t) - which)
-            np.maximum(y, candidate, out=y)
+        for t, (u, v) in enumerate(np.ndindex(self.k, self.k)):
+            if t:
+                candidate = cells[..., u, v]
+                if which is not None:  # which = t where candidate > y, else unchanged (uint8 arithmetic)
+                    which += (candidate > y).view(np.uint8) * (np.uint8(t) - which)
+                np.maximum(y, candidate, out=y)
 
     def _backward_fast(self, grad_out):
-        """Each window's gradient goes to the offset `which` recorded: one masked
-        product per offset, written straight into the strided slice of dx when the
-        windows do not overlap, added when they do.  dx is in the input's memory
-        order; it needs zeros first only where some pixels are in no window."""
+        """dx in the input's memory order; it needs zeros first only where some
+        pixels are in no window."""
         (n, c, h, w), (ho, wo) = self.x_shape, grad_out.shape[2:]
         dx = empty_in_order(self.x_shape, self.x_order, grad_out.dtype)  # dx: (N, C, H, W)
-        covered = self.stride == self.k and (h, w) == (ho * self.k, wo * self.k)
-        split_batch(lambda g, which, dx: self._route(g, which, dx, clear=not covered),
-                    grad_out, self.which, dx)
+        if self.stride < self.k or (h, w) != (ho * self.k, wo * self.k):
+            split_batch(lambda part: part.fill(0), dx)
+        self.route(grad_out, windows(dx, self.k, self.k, self.stride, (2, 3), writeable=True))
         return dx
 
-    def _route(self, g, which, dx, clear):
-        if clear:
-            dx.fill(0)
-        overlap = self.stride < self.k
-        for t, sl in enumerate(self._window_slices(*g.shape[2:])):
+    def route(self, grad_out, cells):
+        """Each window's gradient goes to the offset `which` recorded: one masked
+        product per offset, written straight into cells (N, C, Ho, Wo, k, k), the
+        windows of the input gradient, when windows do not overlap, added when they do."""
+        split_batch(self._route, grad_out, self.which, cells)
+
+    def _route(self, g, which, cells):
+        for t, (u, v) in enumerate(np.ndindex(self.k, self.k)):
             hit = which == t
-            if overlap:
-                dx[sl] += g * hit
+            if self.stride < self.k:
+                cells[..., u, v] += g * hit
             else:
-                np.multiply(g, hit, out=dx[sl])
+                np.multiply(g, hit, out=cells[..., u, v])
 
 
 class GlobalMaxPool2D(Layer):
@@ -1072,7 +1137,11 @@ def warmup_linear_lr(lr, total_steps, warmup=0.2, final_fraction=0.0, initial_fr
 class Sequential:
     """Layers applied in order.  backward() stops at the first layer with trained
     parameters: nothing before it needs a gradient (the images never do), so that
-    layer's input gradient is skipped too, unless input_grad=True."""
+    layer's input gradient is skipped too, unless input_grad=True.
+
+    A Conv2D directly followed by a MaxPool2D it fuses with runs the pooling as part
+    of its own forward and backward (see Conv2D._forward_fast): the same numbers,
+    without a pass over strided slices of the convolution's output."""
 
     def __init__(self, *layers):
         self.layers = list(layers)
@@ -1080,9 +1149,18 @@ class Sequential:
     def __repr__(self):
         return "Sequential(\n" + "".join(f"  {layer!r},\n" for layer in self.layers) + ")"
 
+    def fused_pools(self):
+        """{i: the MaxPool2D at i + 1} for each Conv2D at i that runs it."""
+        return {i: pool for i, (conv, pool) in enumerate(zip(self.layers, self.layers[1:]))
+                if isinstance(conv, Conv2D) and isinstance(pool, MaxPool2D) and conv.fuses(pool)}
+
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+        pools = self.fused_pools()
+        for i, layer in enumerate(self.layers):
+            if i in pools:
+                x = layer.forward(x, pool=pools[i])
+            elif i - 1 not in pools:  # else it ran with the convolution before it
+                x = layer.forward(x)
         return x
 
     __call__ = forward
@@ -1091,8 +1169,10 @@ class Sequential:
         trained = [i for i, layer in enumerate(self.layers)
                    if layer.params and getattr(layer, "trainable", True)]
         stop = 0 if input_grad or not trained else trained[0]
-        for layer in reversed(self.layers[stop + 1:]):
-            grad = layer.backward(grad)
+        pools = self.fused_pools()
+        for i in range(len(self.layers) - 1, stop, -1):
+            if i - 1 not in pools:  # a fused pool's backward runs in its convolution's
+                grad = self.layers[i].backward(grad)
         last = self.layers[stop]
         if isinstance(last, Conv2D):
             return last.backward(grad, input_grad=input_grad)

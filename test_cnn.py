@@ -136,6 +136,73 @@ def test_pool_loop_and_fast_agree(kernel, stride):
     assert rel_error(loop.backward(g), fast.backward(g)) < 1e-10
 
 
+# c, f, channels-last input, padding, stride, input size, pool: every im2col layout
+# (channel-major, cols^T, channels-last), both dx routes (sum of taps for c < f, else
+# a convolution), conv outputs that pooling covers and ones whose last row or column
+# it leaves out, and 3 x 3 pooling.
+FUSED_CASES = [(1, 4, False, 0, 1, (9, 8), 2), (3, 8, False, 1, 1, (7, 6), 2),
+               (4, 9, True, 1, 2, (9, 10), 2), (2, 3, True, 0, 1, (8, 8), 3), (9, 2, True, 1, 1, (7, 7), 2)]
+
+
+@pytest.mark.parametrize("c,f,channels_last,padding,stride,size,k", FUSED_CASES)
+def test_conv_with_its_max_pool_fused_matches_the_two_layers(c, f, channels_last, padding, stride, size, k):
+    rng = np.random.default_rng(11)
+    conv = cnn.Conv2D(c, f, 3, stride=stride, padding=padding, dtype=np.float64, rng=rng)
+    conv.params["b"][:] = rng.standard_normal(f)
+    pool = cnn.MaxPool2D(k)
+    x = rng.standard_normal((3, c) + size)
+    if channels_last:
+        x = cnn.nchw_view(cnn.nhwc(x))
+    y = pool.forward(conv.forward(x))
+    g = rng.standard_normal(y.shape)
+    dx = conv.backward(pool.backward(g))
+    grads = {key: value.copy() for key, value in conv.grads.items()}
+    y_fused = conv.forward(x, pool=pool)
+    assert y_fused.shape == y.shape and rel_error(y_fused, y) < 1e-14
+    assert rel_error(conv.backward(g), dx) < 1e-14
+    for key in grads:
+        assert rel_error(conv.grads[key], grads[key]) < 1e-14, key
+    conv.training = pool.training = False
+    assert rel_error(conv.forward(x, pool=pool), y) < 1e-14
+
+
+@pytest.mark.parametrize("c,f,channels_last,padding,stride,size,k", FUSED_CASES)
+def test_network_with_fused_conv_and_pool_gradient(c, f, channels_last, padding, stride, size, k):
+    rng = np.random.default_rng(12)
+    conv = cnn.Conv2D(c, f, 3, stride=stride, padding=padding, dtype=np.float64, rng=rng)
+    conv.params["b"][:] = rng.standard_normal(f)
+    x = rng.standard_normal((2, c) + size)
+    if channels_last:
+        x = cnn.nchw_view(cnn.nhwc(x))
+    features = cnn.Sequential(conv, cnn.MaxPool2D(k)).forward(x)[0].size
+    model = cnn.Sequential(conv, cnn.MaxPool2D(k), cnn.Flatten(), cnn.Dense(features, 3, dtype=np.float64, rng=rng))
+    assert list(model.fused_pools()) == [0]
+    upstream = rng.standard_normal((2, 3))
+    model.forward(x)
+    dx = model.backward(upstream, input_grad=True)
+
+    def f_():
+        return float(np.sum(model.forward(x) * upstream))
+
+    assert rel_error(dx, cnn.numerical_gradient(f_, x)) < 1e-7
+    for name, layer, key in model.parameters():
+        analytic = layer.grads[key].copy()
+        assert rel_error(analytic, cnn.numerical_gradient(f_, layer.params[key])) < 1e-7, name
+
+
+def test_which_pools_a_convolution_runs():
+    conv = cnn.Conv2D(1, 2, 3)
+    model = cnn.Sequential(conv, cnn.MaxPool2D(2), cnn.ReLU(),                  # fused
+                           cnn.Conv2D(2, 2, 3), cnn.ReLU(), cnn.MaxPool2D(2),   # not adjacent
+                           cnn.Conv2D(2, 2, 3, impl="loop"), cnn.MaxPool2D(2),  # loop
+                           cnn.Conv2D(2, 2, 3), cnn.MaxPool2D(3, 2))            # overlapping windows
+    assert list(model.fused_pools()) == [0]
+    with pytest.raises(ValueError, match="cannot run MaxPool2D"):
+        conv.forward(np.zeros((1, 1, 8, 8), np.float32), pool=cnn.MaxPool2D(3, 2))
+    with pytest.raises(ValueError, match="smaller than the window"):
+        conv.forward(np.zeros((1, 1, 4, 4), np.float32), pool=cnn.MaxPool2D(3))
+
+
 def test_conv_known_output():
     conv = cnn.Conv2D(1, 1, 2, dtype=np.float64)
     conv.params["W"][:] = [[[[1, 2], [3, 4]]]]
