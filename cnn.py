@@ -570,7 +570,10 @@ def im2col(x, kh, kw, stride, out, pool=1):
 def im2col_t(x, kh, kw, stride, out=None, pool=1):
     """x: (N, C, H, W) -> cols^T: (C*kh*kw, N*Ho*Wo), the transpose of im2col's
     matrix built from NCHW memory (written into out if given): each copy moves a
-    run of Wo neighbouring pixels (every pool-th pixel with pool > 1)."""
+    run of Wo neighbouring pixels.  pool > 1: columns in pooling-phase order (see
+    pooling_phases); a run is then every pool-th pixel, and the copy takes twice as
+    long (0.64 vs 0.35 ms for 32 CIFAR-10 images; dealing x's columns into phases
+    first, so that the runs are contiguous again, did not make it faster)."""
     cells = windows(x, kh, kw, stride, (2, 3)).transpose(1, 4, 5, 0, 2, 3)  # (C, kh, kw, N, Ho, Wo)
     if pool > 1:
         cells = pooling_phases(cells, pool, 4)                     # (C, kh, kw, N, k, k, Ho/k, Wo/k)

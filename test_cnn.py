@@ -141,7 +141,8 @@ def test_pool_loop_and_fast_agree(kernel, stride):
 # a convolution), conv outputs that pooling covers and ones whose last row or column
 # it leaves out, and 3 x 3 pooling.
 FUSED_CASES = [(1, 4, False, 0, 1, (9, 8), 2), (3, 8, False, 1, 1, (7, 6), 2),
-               (4, 9, True, 1, 2, (9, 10), 2), (2, 3, True, 0, 1, (8, 8), 3), (9, 2, True, 1, 1, (7, 7), 2)]
+               (4, 9, True, 1, 2, (9, 10), 2), (2, 3, True, 0, 1, (8, 8), 3), (9, 2, True, 1, 1, (7, 7), 2),
+               (3, 9, False, 0, 2, (15, 13), 3), (2, 5, False, 2, 1, (8, 9), 3)]
 
 
 @pytest.mark.parametrize("c,f,channels_last,padding,stride,size,k", FUSED_CASES)
