@@ -2671,8 +2671,10 @@ def _conv_flops(layer, x_shape, y_shape, input_grad):
 
 
 def bench_layers(name, model, x, loop_images=1):
-    """Time every convolution and pooling layer of model on batch x, fast and loop."""
+    """Time every convolution and pooling layer of model on batch x, fast and loop,
+    and each convolution with the pooling it runs in the network (fused_pools)."""
     model.train()
+    pools = model.fused_pools()
     stop = next(i for i, layer in enumerate(model.layers) if layer.params and getattr(layer, "trainable", True))
     inputs = []
     for layer in model.layers:
@@ -2705,6 +2707,14 @@ def bench_layers(name, model, x, loop_images=1):
         else:
             rows.append((row + f"{'':9}", None))
         rows[-1] = (rows[-1][0], rows[-1][1], t_loop, t_fwd + t_bwd)
+        if i - 1 in pools:
+            conv, xc = model.layers[i - 1], inputs[i - 1]
+            kwargs = {"input_grad": i - 1 != stop}
+            t_fwd = _best_time(lambda: conv.forward(xc, pool=layer))
+            conv.forward(xc, pool=layer)
+            t_bwd = _best_time(lambda: conv.backward(g, **kwargs))
+            rows.append((f"  {name:<11}{'  the two above as one (as in training)':<44}"
+                         f"{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}", None, None, None))
     return rows
 
 
@@ -2774,7 +2784,7 @@ def bench(argv):
             train_cifar.init4(model, x)
         for row, rate, t_loop, t_fast in bench_layers(f"{name} N={layer_batch}", model, x):
             percent = f"{100 * rate / peak:7.0f}%" if rate else f"{'':8}"
-            print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x")
+            print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x" if t_loop else row)
     print(f"\n  {'network':<10}{'batch':>6}{'train img/s':>13}{'infer img/s':>13}{'s/epoch':>9}  (epoch: 60,000 MNIST / 50,000 CIFAR-10 images)")
     print("\n".join(network_rows))
     stolen = cpu_steal_since(steal_start)
