@@ -422,7 +422,8 @@ class Conv2D(Layer):
         else:                                                      # the pool's backward, into gm
             k = self.pool.k
             gm = np.empty(self.y_shape, grad_out.dtype)
-            self.pool.route(grad_out, self._output_windows(gm, layout, n, ho, wo, k))
+            gm_windows = self._output_windows(gm, layout, n, ho, wo, k)  # (N, F, Ho/k, Wo/k, k, k)
+            self.pool.route(grad_out, gm_windows)
         if self.trainable:
             if layout == "channel-major":                          # cols: (C*kh*kw, M), gm: (F, M)
                 dW, db = thin_matmul(cols, gm.T).T.reshape(f, c, kh, kw), column_sum(gm.T)
@@ -439,7 +440,7 @@ class Conv2D(Layer):
             g = nhwc(grad_out)                                     # g: (N, Ho, Wo, F)
         else:  # back from pooling-phase order to pixels, zeros where no window covered
             g = (np.empty if (ho % k, wo % k) == (0, 0) else np.zeros)((n, ho, wo, f), gm.dtype)
-            pixels = self._output_windows(gm, layout, n, ho, wo, k).transpose(0, 2, 3, 1, 4, 5)  # (N, Hq, Wq, F, k, k)
+            pixels = gm_windows.transpose(0, 2, 3, 1, 4, 5)                # (N, Ho/k, Wo/k, F, k, k)
             split_batch(np.copyto, windows(g, k, k, k, (1, 2), writeable=True), pixels)
         dx = self._input_grad_sum(g.reshape(-1, f), ho, wo) if c < f else self._input_grad_conv(g)
         return in_memory_order(dx, self.x_order)
@@ -684,9 +685,10 @@ class MaxPool2D(Layer):
         kernel, stride or size, and in any memory order (NumPy runs its inner loop
         along the innermost axis: channels in channels-last memory, image rows in
         channel-major memory).  The output keeps x's memory order."""
-        y = self.pool_windows(windows(x, self.k, self.k, self.stride, (2, 3)), memory_order(x))
+        order = memory_order(x)
+        y = self.pool_windows(windows(x, self.k, self.k, self.stride, (2, 3)), order)
         if self.training:
-            self.x_shape, self.x_order = x.shape, memory_order(x)
+            self.x_shape, self.x_order = x.shape, order
         return y
 
     def pool_windows(self, cells, order):
@@ -2670,6 +2672,14 @@ def _conv_flops(layer, x_shape, y_shape, input_grad):
     return forward, forward * (2 if input_grad else 1)
 
 
+def _forward_backward_times(forward, backward):
+    """Best times of forward() and of backward(), the latter after a last forward()
+    (backward needs that call's cache)."""
+    t_fwd = _best_time(forward)
+    forward()
+    return t_fwd, _best_time(backward)
+
+
 def bench_layers(name, model, x, loop_images=1):
     """Time every convolution and pooling layer of model on batch x, fast and loop,
     and each convolution with the pooling it runs in the network (fused_pools)."""
@@ -2688,9 +2698,7 @@ def bench_layers(name, model, x, loop_images=1):
         y = layer.forward(xi)
         g = nchw_view(np.ones(y.shape[:1] + y.shape[2:] + y.shape[1:2], y.dtype))
         kwargs = {"input_grad": i != stop} if isinstance(layer, Conv2D) else {}
-        t_fwd = _best_time(lambda: layer.forward(xi))
-        layer.forward(xi)
-        t_bwd = _best_time(lambda: layer.backward(g, **kwargs))
+        t_fwd, t_bwd = _forward_backward_times(lambda: layer.forward(xi), lambda: layer.backward(g, **kwargs))
         loop = MaxPool2D(layer.k, layer.stride, impl="loop") if isinstance(layer, MaxPool2D) else \
             Conv2D(layer.in_channels, layer.out_channels, (layer.kh, layer.kw), layer.stride, layer.padding,
                    impl="loop")
@@ -2709,10 +2717,8 @@ def bench_layers(name, model, x, loop_images=1):
         rows[-1] = (rows[-1][0], rows[-1][1], t_loop, t_fwd + t_bwd)
         if i - 1 in pools:
             conv, xc = model.layers[i - 1], inputs[i - 1]
-            kwargs = {"input_grad": i - 1 != stop}
-            t_fwd = _best_time(lambda: conv.forward(xc, pool=layer))
-            conv.forward(xc, pool=layer)
-            t_bwd = _best_time(lambda: conv.backward(g, **kwargs))
+            t_fwd, t_bwd = _forward_backward_times(lambda: conv.forward(xc, pool=layer),
+                                                   lambda: conv.backward(g, input_grad=i - 1 != stop))
             rows.append((f"  {name:<11}{'  the two above as one (as in training)':<44}"
                          f"{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}", None, None, None))
     return rows
