@@ -1088,9 +1088,11 @@ def test_train_step_and_predict_split_over_threads_give_the_whole_batchs_numbers
     blas_before = cnn.blas_threads(1)
     cnn.blas_threads(blas_before)
 
+    meanwhile = []
+
     def run():
         model.train()
-        loss, logits = cnn.train_step(model, loss_fn, x, y)
+        loss, logits = cnn.train_step(model, loss_fn, x, y, meanwhile=lambda: meanwhile.append(len(calls)))
         grads = [a.copy() for layer in model.layers for a in layer.grads.values()]
         return [loss, logits] + grads + [model.predict(x)]
 
@@ -1098,10 +1100,11 @@ def test_train_step_and_predict_split_over_threads_give_the_whole_batchs_numbers
     monkeypatch.setattr(cnn, "CORES", 3)
     split = run()
     assert calls == [3, 3]  # one training step, one prediction batch
+    assert meanwhile == [1]  # called once, after the slices ran
     assert cnn.blas_threads(blas_before) == blas_before  # restored after each
     monkeypatch.setattr(cnn, "blas_threads", lambda count: None)  # as without OpenBLAS
     whole = run()
-    assert calls == [3, 3]
+    assert calls == [3, 3] and meanwhile == [1, 2]
     assert len(split) == len(whole) == 2 + 8 + 1
     assert split[0] == pytest.approx(whole[0], rel=1e-6)
     for a, b in zip(split[1:], whole[1:]):
@@ -1178,6 +1181,11 @@ def test_twin_process_failure_and_death_are_reported(monkeypatch):
             cnn.train_step(model, loss_fn, x, np.array([0, 1, 2, 0, 1, 7]), twin)  # 7: no such class
         with pytest.raises(IndexError):  # this time in this process's half
             cnn.train_step(model, loss_fn, x, np.array([7, 1, 2, 0, 1, 2]), twin)
+
+        def bad_batch():
+            raise cnn.DataError("batch.bin: truncated")
+        with pytest.raises(cnn.DataError, match="truncated"):  # in what runs meanwhile
+            cnn.train_step(model, loss_fn, x, np.array([0, 1, 2, 0, 1, 0]), twin, meanwhile=bad_batch)
         # Both carry on, and the next step reads its own answer, not the failed step's.
         good = np.array([0, 1, 2, 2, 0, 1])  # the twin's half differs from the failed step's
         loss, logits = cnn.train_step(model, loss_fn, x, good, twin)
@@ -1204,9 +1212,18 @@ def test_train_epoch_runs_every_step_with_one_twin_and_ends_it(monkeypatch):
         real_start(twin, x, y)
         started.append(twin.process)
 
-    def step(twin, x, y):
+    def step(twin, x, y, meanwhile):
         steps.append(len(x))
-        return real_step(twin, x, y)
+        events.append(f"step of {len(x)}")
+        result = real_step(twin, x, y, meanwhile)
+        events.append("step done")
+        return result
+
+    def logged(batches):
+        for i, batch in enumerate(batches):
+            events.append(f"batch {i}")
+            yield batch
+        events.append("no more batches")
     monkeypatch.setattr(cnn.TwinProcess, "_start", start)
     monkeypatch.setattr(cnn.TwinProcess, "step", step)
     rng = np.random.default_rng(9)
@@ -1214,10 +1231,14 @@ def test_train_epoch_runs_every_step_with_one_twin_and_ends_it(monkeypatch):
     images = rng.integers(0, 256, (20, 3, 8, 8)).astype(np.uint8)
     labels = rng.integers(0, 3, 20)
     batches = cnn.iterate_batches(images, labels, 8, np.full(3, 120.0, np.float32), np.full(3, 60.0, np.float32))
+    events = []
     loss, accuracy, next_step = cnn.train_epoch(model, loss_fn, cnn.SGD(model.parameters(), 0.1),
-                                                cnn.constant_lr(0.1), batches, 0, cnn.Progress(1, 1, 20))
+                                                cnn.constant_lr(0.1), logged(batches), 0, cnn.Progress(1, 1, 20))
     assert steps == [8, 8, 4] and next_step == 3 and math.isfinite(loss) and 0 <= accuracy <= 1
     assert len(started) == 1 and started[0].exitcode == 0
+    # Each batch is prepared during the step before it, while the twin finishes.
+    assert events == ["batch 0", "step of 8", "batch 1", "step done", "step of 8", "batch 2", "step done",
+                      "step of 4", "no more batches", "step done"]
 
 
 def test_cpu_steal_share(monkeypatch):
