@@ -1927,10 +1927,10 @@ def train_step(model, loss_fn, x, y, twin=None, meanwhile=None):
     the whole batch, so a model with BatchNorm runs in one piece.
     meanwhile: a function to call once this process's part is done, while the
     twin finishes its half (train_epoch prepares the next batch in it)."""
-    if twin is not None and twin.fits(x) and not needs_whole_batch(model):
-        return twin.step(x, y, meanwhile)
     if needs_whole_batch(model):
         results = [slice_gradient(model, loss_fn, x, y, len(y))]
+    elif twin is not None and twin.fits(x):
+        return twin.step(x, y, meanwhile)
     else:
         def run(net, x_part, y_part):
             criterion = loss_fn if net is model else copy.copy(loss_fn)
