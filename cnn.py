@@ -332,16 +332,19 @@ class Conv2D(Layer):
 
     # -- vectorized version -----------------------------------------------------------
     def _forward_fast(self, x, pool):
-        """im2col + one matrix multiply.
+        """im2col + a matrix multiply.
 
         im2col copies every receptive field into one row of a matrix `cols` of shape
         (N*Ho*Wo, kh*kw*C); then y = cols @ Wmat with Wmat of shape (kh*kw*C, F) is the
-        whole convolution, one large matrix multiply that BLAS runs near the machine's
-        peak on all cores, and its (N*Ho*Wo, F) result already is the output in NHWC
-        memory.  The copy is cheap when it moves contiguous runs: from channels-last
-        memory (what every fast layer outputs) each run is C numbers of one pixel; from
-        NCHW memory (images straight from the data, C = 1 or 3) we build the transposed
-        matrix cols^T instead, whose rows are contiguous image rows, and BLAS reads the
+        whole convolution, a matrix multiply that BLAS runs near the machine's peak,
+        and its (N*Ho*Wo, F) result already is the output in NHWC memory.  The copy
+        is cheap when it moves contiguous runs: from channels-last memory (what every
+        fast layer outputs) each run is C numbers of one pixel.  There the matrix is
+        built and multiplied a few images at a time, on every core at once, so that
+        the multiply reads it from the core's cache rather than from memory (see
+        im2col_matmul): network 4's first block ran twice as fast.  From NCHW memory
+        (images straight from the data, C = 1 or 3) we build the transposed matrix
+        cols^T instead, whose rows are contiguous image rows, and BLAS reads the
         transpose for free.
 
         With a max pool of k x k windows after it, the rows of cols are put in
@@ -374,9 +377,11 @@ class Conv2D(Layer):
             else:
                 layout, y = "t", thin_matmul(cols.T, W.reshape(f, -1).T)        # y: (M, F)
         else:                                   # channels-last memory
-            cols = scratch(buffers, "cols", (pixels, self.kh * self.kw * c), x.dtype)  # cols: (M, kh*kw*C)
-            im2col(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, out=cols, pool=k)
-            layout, y = "nhwc", cols @ W.transpose(2, 3, 1, 0).reshape(-1, f)  # y: (M, F)
+            # Backward rebuilds the im2col matrix from the padded input, 1/(kh*kw) its size.
+            cols = pad_hw(nhwc(x), p)                                  # xpad: (N, H+2p, W+2p, C)
+            layout, y = "nhwc", np.empty((pixels, f), x.dtype)         # y: (M, F)
+            im2col_matmul(receptive_fields(cols, self.kh, self.kw, self.stride, k),
+                          W.transpose(2, 3, 1, 0).reshape(-1, f), y)
         if "b" in self.params and layout == "channel-major":
             split_batch(np.add, y, self.params["b"][:, None], y)
         elif "b" in self.params:
@@ -415,7 +420,7 @@ class Conv2D(Layer):
         n, c, h, w = self.x_shape
         ho, wo = self.output_size(h, w)
         f, kh, kw = self.out_channels, self.kh, self.kw
-        layout, cols = self.cache
+        layout, cols = self.cache                           # cols^T (C*kh*kw, M), or xpad if "nhwc"
         if self.pool is None:                                      # gm: like y, (F, M) or (M, F)
             gm = grad_out.transpose(1, 0, 2, 3).reshape(f, -1) if layout == "channel-major" \
                 else nhwc(grad_out).reshape(-1, f)
@@ -426,8 +431,9 @@ class Conv2D(Layer):
             self.pool.route(grad_out, gm_windows)
         if self.trainable:
             rows = gm.T if layout == "channel-major" else gm        # rows: (M, F)
-            if layout == "nhwc":                                   # cols: (M, kh*kw*C)
-                dW = (cols.T @ rows).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
+            if layout == "nhwc":                                   # cols^T @ rows, image by image
+                fields = receptive_fields(cols, kh, kw, self.stride, 1 if self.pool is None else self.pool.k)
+                dW = im2col_matmul_t(fields, rows.reshape(n, -1, f)).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
             else:                                                  # cols: (C*kh*kw, M)
                 dW = thin_matmul(cols, rows).T.reshape(f, c, kh, kw)
             # Only with a bias: the sum took 4-5 ms of network 4's first block at N=256.
@@ -441,7 +447,7 @@ class Conv2D(Layer):
             g = (np.empty if (ho % k, wo % k) == (0, 0) else np.zeros)((n, ho, wo, f), gm.dtype)
             pixels = gm_windows.transpose(0, 2, 3, 1, 4, 5)                # (N, Ho/k, Wo/k, F, k, k)
             split_batch(np.copyto, windows(g, k, k, k, (1, 2), writeable=True), pixels)
-        dx = self._input_grad_sum(g.reshape(-1, f), ho, wo) if c < f else self._input_grad_conv(g)
+        dx = self._input_grad_sum(g) if c < f else self._input_grad_conv(g)
         return in_memory_order(dx, self.x_order)
 
     def _input_grad_conv(self, g):
@@ -459,26 +465,33 @@ class Conv2D(Layer):
         w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
         # Only the windows of the unpadded pixels: the padding's gradient is not needed.
         spread = spread[:, p:p + h + kh - 1, p:p + w + kw - 1]
-        spread_cols = scratch(TRANSIENT, "grad_cols", (n * h * w, kh * kw * f), g.dtype)
-        dx = (im2col(spread, kh, kw, 1, spread_cols) @ w_flipped).reshape(n, h, w, c)
+        dx = np.empty((n, h, w, c), g.dtype)                       # dx: (N, H, W, C)
+        im2col_matmul(receptive_fields(spread, kh, kw, 1), w_flipped, dx.reshape(-1, c))
         return nchw_view(dx)
 
-    def _input_grad_sum(self, g2, ho, wo):
+    def _input_grad_sum(self, g):
         """dL/dx straight from the forward sum: input pixel (i*s + u, j*s + v) met
         kernel offset (u, v) at output pixel (i, j), so dL/dx is the sum over the
         kh*kw offsets of g @ W[:, :, u, v]^T shifted by (u, v).  One batched matrix
         multiply makes the kh*kw products, each a contiguous (N, Ho, Wo, C) block,
         and adding a block onto its shifted slice of the padded input moves whole
         image rows (Wo*C numbers) at a time.  Its matrix has kh*kw*C columns where
-        the convolution's has kh*kw*F: less to copy when the layer widens."""
+        the convolution's has kh*kw*F: less to copy when the layer widens.  As in
+        im2col_matmul, a few images at a time, so that the products are added while
+        they are in the core's cache."""
         W, p = self.params["W"], self.padding
         n, c, h, w = self.x_shape
+        _, ho, wo, f = g.shape                                     # g: (N, Ho, Wo, F)
         taps = self.kh * self.kw
-        w_taps = W.transpose(2, 3, 0, 1).reshape(taps, self.out_channels, c)  # (kh*kw, F, C)
-        parts = np.matmul(g2, w_taps, out=scratch(TRANSIENT, "grad_cols", (taps, len(g2), c), g2.dtype))
-        parts = parts.reshape(taps, n, ho, wo, c).transpose(1, 0, 2, 3, 4)  # parts: (N, kh*kw, Ho, Wo, C)
-        dxpad = np.empty((n, h + 2 * p, w + 2 * p, c), g2.dtype)  # dxpad: (N, H+2p, W+2p, C)
-        split_batch(self._overlap_add, parts, dxpad)
+        w_taps = W.transpose(2, 3, 0, 1).reshape(taps, f, c)       # (kh*kw, F, C)
+        dxpad = np.empty((n, h + 2 * p, w + 2 * p, c), g.dtype)    # dxpad: (N, H+2p, W+2p, C)
+
+        def add_products(g, dxpad):
+            parts = scratch(TRANSIENT, "grad_parts", (taps, len(g) * ho * wo, c), g.dtype)
+            np.matmul(g.reshape(-1, f), w_taps, out=parts)
+            self._overlap_add(parts.reshape(taps, len(g), ho, wo, c).transpose(1, 0, 2, 3, 4), dxpad)
+
+        by_images(add_products, (g, dxpad), taps * ho * wo * c * g.itemsize)
         return nchw_view(dxpad[:, p:p + h, p:p + w])
 
     def _overlap_add(self, parts, dxpad):
@@ -555,16 +568,69 @@ def pooling_phases(pixels, k, axis):
     return split.transpose(order)
 
 
-def im2col(x, kh, kw, stride, out, pool=1):
-    """x: (N, H, W, C) -> cols: (N*Ho*Wo, kh*kw*C), row r = receptive field of output
-    pixel r in (u, v, c) order, written into out: one copy of the windows' view
-    lays them out as matrix rows.  pool > 1: rows in pooling-phase order (see
-    pooling_phases), N*Ho*Wo becomes N * pool**2 * (Ho // pool) * (Wo // pool)."""
+def receptive_fields(x, kh, kw, stride, pool=1):
+    """x: (N, H, W, C) -> the view (N, Ho, Wo, kh, kw, C) of every output pixel's
+    receptive field: read as a matrix, one row per output pixel in (u, v, c) order,
+    this is im2col's matrix (N*Ho*Wo, kh*kw*C).  pool > 1: pixels in pooling-phase
+    order (see pooling_phases), (N, pool, pool, Ho // pool, Wo // pool, kh, kw, C)."""
     cells = windows(x, kh, kw, stride, (1, 2)).transpose(0, 1, 2, 4, 5, 3)  # (N, Ho, Wo, kh, kw, C)
-    if pool > 1:
-        cells = pooling_phases(cells, pool, 1)                     # (N, k, k, Ho/k, Wo/k, kh, kw, C)
-    split_batch(np.copyto, out.reshape(cells.shape), cells)
+    return pooling_phases(cells, pool, 1) if pool > 1 else cells
+
+
+# im2col matrices are built and multiplied a few images at a time, each piece
+# about this size, so that it is still in the core's cache (2 MB of L2 here)
+# when the matrix multiply reads it.
+CHUNK_BYTES = 1 << 20
+
+
+def by_images(fn, arrays, image_bytes):
+    """[fn(*slices) for each group of images], slices being consecutive images
+    (axis 0) of the arrays, as many as make CHUNK_BYTES of work at image_bytes
+    each.  The groups are dealt out to the cores in runs, each core running its
+    groups with one BLAS thread (see one_core_each).  The groups do not depend on
+    the number of cores, so neither does any number computed from them."""
+    n = len(arrays[0])
+    group = max(1, CHUNK_BYTES // image_bytes)
+    starts = range(0, n, group)
+
+    def run(i, starts):
+        return [fn(*(a[j:j + group] for a in arrays)) for j in starts]
+
+    with one_core_each(len(starts) > 1) as taken:
+        parts = in_parallel(run, [starts], min(CORES, len(starts))) if taken else [run(0, starts)]
+    return [result for part in parts for result in part]
+
+
+def im2col_matmul(fields, weights, out):
+    """out = cols @ weights, cols being the im2col matrix of the receptive fields
+    view `fields` (N, ..., K numbers per row), without ever holding all of cols:
+    each core copies the rows of a few images into a small buffer and multiplies
+    it at once.  Built whole, cols (tens of megabytes for network 4) went out to
+    memory and came back for the multiply, and BLAS ran at about a third of its
+    peak on network 4's 64-channel layers; in pieces about half (see CHUNK_BYTES).
+    out: (N * rows per image, F)."""
+    k, f = weights.shape
+
+    def multiply(fields, out):
+        cols = scratch(TRANSIENT, "cols", fields.shape, fields.dtype)  # a few images' rows of cols
+        np.copyto(cols, fields)
+        np.matmul(cols.reshape(-1, k), weights, out=out.reshape(-1, f))
+
+    by_images(multiply, (fields, out.reshape(len(fields), -1)), fields[0].nbytes)
     return out
+
+
+def im2col_matmul_t(fields, g):
+    """cols^T @ g, summed a few images at a time as in im2col_matmul.
+    g: (N, rows per image, F) -> (K, F)."""
+    k = math.prod(fields.shape[-3:])
+
+    def multiply(fields, g):
+        cols = scratch(TRANSIENT, "cols", fields.shape, fields.dtype)
+        np.copyto(cols, fields)
+        return cols.reshape(-1, k).T @ g.reshape(-1, g.shape[-1])
+
+    return sum(by_images(multiply, (fields, g), fields[0].nbytes))
 
 
 def im2col_t(x, kh, kw, stride, out=None, pool=1):

@@ -62,14 +62,16 @@ def away_from_zero(shape, seed=0):
 @pytest.mark.parametrize("impl", ["loop", "fast"])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 0), (2, 1)])
 @pytest.mark.parametrize("channels", [(1, 4), (3, 4), (4, 3), (9, 2)])  # fast: dx as a sum of taps for (1, 4), (3, 4), else as a convolution
-def test_conv_gradients(impl, stride, padding, channels):
+def test_conv_gradients(monkeypatch, impl, stride, padding, channels):
     rng = np.random.default_rng(1)
     c, f = channels
     layer = cnn.Conv2D(c, f, 3, stride=stride, padding=padding, impl=impl, dtype=np.float64, rng=rng)
     layer.params["b"][:] = rng.standard_normal(f)
-    x = rng.standard_normal((2, c, 7, 6))  # 7 x 6: odd, non-square
+    x = rng.standard_normal((3, c, 7, 6))  # 7 x 6: odd, non-square
     check_layer_gradients(layer, x)
     if impl == "fast":  # channels-last memory input: the other im2col layout
+        check_layer_gradients(layer, cnn.nchw_view(cnn.nhwc(x)))
+        monkeypatch.setattr(cnn, "CHUNK_BYTES", 1)  # its im2col_matmul one image at a time, on 2 cores
         check_layer_gradients(layer, cnn.nchw_view(cnn.nhwc(x)))
 
 
@@ -168,7 +170,8 @@ def test_conv_with_its_max_pool_fused_matches_the_two_layers(c, f, channels_last
 
 
 @pytest.mark.parametrize("c,f,channels_last,padding,stride,size,k", FUSED_CASES)
-def test_network_with_fused_conv_and_pool_gradient(c, f, channels_last, padding, stride, size, k):
+def test_network_with_fused_conv_and_pool_gradient(monkeypatch, c, f, channels_last, padding, stride, size, k):
+    monkeypatch.setattr(cnn, "CHUNK_BYTES", 1)  # channels-last: im2col_matmul image by image, on 2 cores
     rng = np.random.default_rng(12)
     conv = cnn.Conv2D(c, f, 3, stride=stride, padding=padding, dtype=np.float64, rng=rng)
     conv.params["b"][:] = rng.standard_normal(f)
@@ -917,7 +920,9 @@ def test_keep_freed_memory_lets_a_new_array_reuse_freed_pages():
 def test_split_batch_over_threads_changes_no_number(monkeypatch, training):
     # Real batches are split over the cores; these tiny ones only when SPLIT_MIN is 0.
     # Three uneven parts (1, 2 and 2 images), every layer that splits, and both
-    # im2col layouts and both input-gradient routes of Conv2D.
+    # im2col layouts and both input-gradient routes of Conv2D.  One image per
+    # im2col_matmul group, so that its groups are dealt out to the cores as well.
+    monkeypatch.setattr(cnn, "CHUNK_BYTES", 1)
     rng = np.random.default_rng(23)
     model = cnn.Sequential(
         cnn.Conv2D(3, 8, 3, padding=1, rng=rng), cnn.MaxPool2D(2), cnn.ReLU(),       # NCHW im2col
