@@ -599,6 +599,14 @@ def by_images(fn, arrays, image_bytes):
     return [result for part in parts for result in part]
 
 
+def im2col_rows(fields):
+    """The im2col matrix (rows, K) of a few images' receptive fields view `fields`,
+    copied into this thread's small work buffer."""
+    cols = scratch(TRANSIENT, "cols", fields.shape, fields.dtype)
+    np.copyto(cols, fields)
+    return cols.reshape(-1, math.prod(fields.shape[-3:]))
+
+
 def im2col_matmul(fields, weights, out):
     """out = cols @ weights, cols being the im2col matrix of the receptive fields
     view `fields` (N, ..., K numbers per row), without ever holding all of cols:
@@ -606,12 +614,8 @@ def im2col_matmul(fields, weights, out):
     it at once.  Built whole, cols (hundreds of megabytes for network 4) went out to
     memory and came back for the multiply: the forward pass of network 4's 24 -> 64
     layer took 61 ms for 256 images, 36 ms in pieces.  out: (N * rows per image, F)."""
-    k, f = weights.shape
-
     def multiply(fields, out):
-        cols = scratch(TRANSIENT, "cols", fields.shape, fields.dtype)  # a few images' rows of cols
-        np.copyto(cols, fields)
-        np.matmul(cols.reshape(-1, k), weights, out=out.reshape(-1, f))
+        np.matmul(im2col_rows(fields), weights, out=out.reshape(-1, weights.shape[1]))
 
     by_images(multiply, (fields, out.reshape(len(fields), -1)), fields[0].nbytes)
     return out
@@ -620,12 +624,8 @@ def im2col_matmul(fields, weights, out):
 def im2col_matmul_t(fields, g):
     """cols^T @ g, summed a few images at a time as in im2col_matmul.
     g: (N, rows per image, F) -> (K, F)."""
-    k = math.prod(fields.shape[-3:])
-
     def multiply(fields, g):
-        cols = scratch(TRANSIENT, "cols", fields.shape, fields.dtype)
-        np.copyto(cols, fields)
-        return cols.reshape(-1, k).T @ g.reshape(-1, g.shape[-1])
+        return im2col_rows(fields).T @ g.reshape(-1, g.shape[-1])
 
     return sum(by_images(multiply, (fields, g), fields[0].nbytes))
 
