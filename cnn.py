@@ -1232,10 +1232,15 @@ class Sequential:
 
     __call__ = forward
 
+    def first_trained(self):
+        """The index of the first layer whose parameters are trained (None if none
+        is): backward needs no input gradient below it."""
+        return next((i for i, layer in enumerate(self.layers)
+                     if layer.params and getattr(layer, "trainable", True)), None)
+
     def backward(self, grad, input_grad=False):
-        trained = [i for i, layer in enumerate(self.layers)
-                   if layer.params and getattr(layer, "trainable", True)]
-        stop = 0 if input_grad or not trained else trained[0]
+        first = self.first_trained()
+        stop = 0 if input_grad or first is None else first
         pools = self.fused_pools()
         for i in range(len(self.layers) - 1, stop, -1):
             if i - 1 not in pools:  # a fused pool's backward runs in its convolution's
@@ -2772,7 +2777,7 @@ def bench_layers(name, model, x, loop_images=1):
     and each convolution with the pooling it runs in the network (fused_pools)."""
     model.train()
     pools = model.fused_pools()
-    stop = next(i for i, layer in enumerate(model.layers) if layer.params and getattr(layer, "trainable", True))
+    stop = model.first_trained()
     inputs = []
     for layer in model.layers:
         inputs.append(x)
