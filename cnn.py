@@ -1,41 +1,34 @@
 """A convolutional neural network in pure NumPy, in one file you can read top to bottom.
 
-Sections, in order:
-  1. layers        Conv2D, MaxPool2D (each with a textbook "loop" and a vectorized
-                   "fast" path), ReLU, GELU, Flatten, Dense, BatchNorm2D,
-                   GlobalMaxPool2D, Scale
-  2. loss          SoftmaxCrossEntropy (optional label smoothing)
-  3. optimizers    SGD (momentum, Nesterov, weight decay), Adam, Lookahead, learning-rate schedules
-  4. model         Sequential: forward, backward, train/eval, summary, save/load;
-                   numerical_gradient for checking any of the above
-  5. data          IDX (MNIST) and CIFAR-10 readers, a checked downloader,
-                   streaming mini-batches with augmentation
-  6. training      the training loop shared by the train_*.py scripts
-  7. metrics       accuracy, confusion matrix, macro F1
-  8. drawing       learning curves, confusion matrices and mistake grids (Pillow)
-  9. command line  the scripts' shared options and `python cnn.py bench`
+Part I, the textbook.  Every layer with its forward and backward pass side by side
+(Conv2D, MaxPool2D, GlobalMaxPool2D, ReLU, GELU, Flatten, Dense, Scale, BatchNorm2D),
+the loss, the optimizers and learning-rate schedules, the Sequential model (forward,
+backward, train/eval, summary, save/load), numerical_gradient to check any of them,
+and the initialisers.  Convolution and max pooling come in two readable forms:
+impl="loop", the formula term by term, and impl="plain", im2col and one matrix
+multiply.  Part I uses nothing defined after it: copy it alone and it trains.
 
-Arrays are NCHW, (N, C, H, W), float32 unless the parameters are float64.  The
-fast layers keep their outputs in channels-last *memory* (an NHWC buffer seen
-through a transposed NCHW view): the shapes you see are NCHW, but the next
-convolution or pooling layer can read the buffer as contiguous NHWC without a copy.
-Convolutions with fewer than 8 channels write channel-major memory (C, N, H, W)
-instead, where pooling runs along image rows; every layer accepts any memory order.
-Both cores work on every training step and prediction: each runs the whole network
-on its own half of the batch (a forked TwinProcess in training on Linux, threads
-otherwise: split_model), or, for networks with BatchNorm, matrix multiplies use
-every core through BLAS and the element-wise passes and copies over large arrays
-are split over threads (split_batch).
+Part II, the engine.  The same layers again, faster: impl="fast", the default, builds
+them.  They give Part I's numbers up to float32 rounding; everything that exists only
+for speed is here (memory layouts, im2col in cache-sized pieces, convolution and
+pooling fused, threads, a forked twin process for training, OpenBLAS's thread count,
+malloc settings).  It is safe to embed: importing it changes nothing outside this
+module, models may run in several threads of your program at once, and a process
+forked from yours can run layers.  Set cnn.CORES = 1 to turn all of its own
+parallelism off.
 
-Only the standard library and NumPy are imported here; Pillow is imported inside
-the drawing code, so copying this single file into another project just works.
+Part III, running it.  Data readers and a checked downloader, mini-batches with
+augmentation, the training loop with exact resume, metrics, drawing (Pillow, imported
+there only), the documented networks, the command line and `python cnn.py bench`.
+
+Arrays are NCHW, (N, C, H, W), float32 unless the parameters are float64.  Only the
+standard library and NumPy are imported here.
 """
 import argparse
 import contextlib
 import copy
 import gzip
 import hashlib
-import io
 import json
 import math
 import mmap
@@ -52,243 +45,201 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 
-# After each matrix multiply OpenBLAS keeps its worker threads spinning for about
-# 2^28 cycles (a tenth of a second), so on two cores they would take one core away
-# from split_batch's threads.  2^4 cycles lets them sleep at once.  It only takes
-# effect if NumPy is not imported yet: the scripts import this file first.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-import numpy as np  # noqa: E402
+import numpy as np
 
 # ======================================================================================
-# 1. Layers
+# Part I, the textbook: layers, loss, optimizers, model
 # ======================================================================================
 
 
-def nhwc(x):
-    """(N, C, H, W) array in any memory order -> contiguous (N, H, W, C).
+class HasFastVersion:
+    """Base of the classes that Part II makes faster.  Each takes impl="fast" (the
+    default), "plain" or, for convolution and pooling, "loop".  impl="fast" builds the
+    subclass of the class that Part II defines for it (marked fast = True): the same
+    layer, with the same numbers up to float32 rounding.  Without Part II (this part
+    copied alone) "fast" builds the plain class."""
+    fast = False
 
-    Free (no copy) when x is the NCHW view of a channels-last buffer, which is what
-    every fast layer here returns."""
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    def __new__(cls, *args, impl="fast", **kwargs):
+        if impl == "fast" and not cls.fast:
+            cls = next((sub for sub in cls.__subclasses__() if sub.fast), cls)
+        return super().__new__(cls)
 
-
-def memory_order(x):
-    """x's axes from the outermost in memory to the innermost: (0, 1, 2, 3) for
-    NCHW memory, (0, 2, 3, 1) for channels-last, (1, 0, 2, 3) for channel-major."""
-    return tuple(sorted(range(x.ndim), key=x.strides.__getitem__, reverse=True))
-
-
-def empty_in_order(shape, order, dtype):
-    """An uninitialised array of this shape whose memory runs in `order`."""
-    return np.empty([shape[axis] for axis in order], dtype).transpose(inverse(order))
+    def __getnewargs_ex__(self):  # copies and pickles keep the class they have
+        return (), {"impl": self.impl}
 
 
-def inverse(order):
-    """The permutation that undoes `order` (np.argsort(order), without its 10 us)."""
-    return sorted(range(len(order)), key=order.__getitem__)
+class Layer(HasFastVersion):
+    """What every layer has: `params` and `grads` (dicts with the same keys), a
+    `training` flag, forward(x) and backward(grad).
 
-
-def in_memory_order(x, order):
-    """x itself if its memory runs in `order`, else a copy that does.  Layers return
-    their input gradient in the order their input came in, so that the element-wise
-    backward before them multiplies arrays of one layout (on arrays of two layouts
-    NumPy's inner loops get as short as the channel count: 5x slower with 4)."""
-    if memory_order(x) == order:
-        return x
-    out = empty_in_order(x.shape, order, x.dtype)
-    split_batch(np.copyto, out, x)
-    return out
-
-
-def nchw_view(x):
-    """Contiguous (N, H, W, C) -> the (N, C, H, W) view of the same memory."""
-    return x.transpose(0, 3, 1, 2)
-
-
-def check_input(layer, x, channels=None, ndim=4):
-    """Raise a ValueError naming the layer, the expected and the received shape."""
-    if x.ndim != ndim or (channels is not None and x.shape[1] != channels):
-        want = {4: "(N, {}, H, W)", 2: "(N, {})"}[ndim].format(channels if channels else "C")
-        raise ValueError(f"{layer!r}: expected input of shape {want}, got {tuple(x.shape)}")
-
-
-CORES = os.cpu_count() or 1
-SPLIT_MIN = 1 << 16  # fewer elements than this: threads would cost more than they save
-
-
-class Helper:
-    """A thread that runs the calls handed to it, one at a time.  The hand-over is a
-    pair of locks: about 27 microseconds, where a ThreadPoolExecutor future takes
-    about 50 (measured here), and split_batch hands work over a few dozen times per
-    training step."""
-
-    def __init__(self):
-        self.start, self.done = threading.Lock(), threading.Lock()
-        self.start.acquire()
-        self.done.acquire()
-        self.call, self.error = None, None
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            self.start.acquire()
-            fn, args = self.call
-            try:
-                fn(*args)
-            except BaseException as error:  # raised again in the caller by wait()
-                self.error = error
-            self.done.release()
-
-    def submit(self, fn, *args):
-        self.call = (fn, args)
-        self.start.release()
-
-    def wait(self):
-        self.done.acquire()
-        error, self.error = self.error, None
-        if error is not None:
-            raise error
-
-
-_helpers = []        # the threads of split_batch and split_model, started at first use
-_cores_taken = False  # True while split_model has given every core a slice of the model
-
-
-def in_parallel(fn, arrays, parts):
-    """[fn(i, *slices_i) for i in range(parts)], the calls running at once, call 0 in
-    this thread and the others in helper threads; slices_i holds the i-th of `parts`
-    near-equal slices along axis 0 of each array (None stays None)."""
-    while len(_helpers) < parts - 1:
-        _helpers.append(Helper())
-    n = len(arrays[0])
-    bounds = [n * i // parts for i in range(parts + 1)]
-    slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
-    results = [None] * parts
-
-    def run(i, part):
-        results[i] = fn(i, *part)
-
-    for i, helper in enumerate(_helpers[:parts - 1], 1):
-        helper.submit(run, i, slices[i])
-    try:
-        run(0, slices[0])
-    finally:
-        for helper in _helpers[:parts - 1]:
-            helper.wait()
-    return results
-
-
-def split_batch(fn, *arrays):
-    """fn(*parts) on CORES slices of the batch (axis 0) of the arrays, one slice per
-    thread, waiting for all of them; None stays None.
-
-    NumPy runs each element-wise operation or copy on a single core, and on this
-    kind of machine those passes are a third to a half of a training step (the
-    matrix multiplies already use every core through BLAS).  NumPy releases the GIL
-    inside its loops, so threads working on separate slices of the batch run truly
-    in parallel: on two cores GELU or im2col take half the time.  fn must write
-    only into the slices it is given, so the result is the same, number for number.
-    Handing work to a thread costs about 27 microseconds, hence SPLIT_MIN.  While
-    split_model runs, every core already has its own slice of the batch, so the
-    call runs whole in the calling thread."""
-    n = len(arrays[0])
-    parts = min(CORES, n) if arrays[0].size >= SPLIT_MIN and not _cores_taken else 1
-    if parts == 1:
-        fn(*arrays)
-    else:
-        in_parallel(lambda i, *part: fn(*part), arrays, parts)
-
-
-class Layer:
-    """What every layer has: params and grads (dicts with the same keys), a
-    `training` flag, and forward/backward.  In evaluation mode layers do not keep
-    what backward would need, so inference runs in larger batches."""
+    forward checks its input and runs the layer's _forward; in training mode the layer
+    keeps what backward will need, in evaluation mode nothing.  backward checks that a
+    training-mode forward came first and that grad has its output's shape, then runs
+    _backward, which returns dL/dx and leaves dL/dparams in grads."""
+    impls = ("plain", "fast")
     training = True
-    buffer_names = ()  # arrays saved with the model that are not trained (running stats)
+    buffer_names = ()  # arrays saved with the model that are not trained (running statistics)
 
-    def __init__(self):
-        self.params, self.grads = {}, {}
+    def __init__(self, impl="fast"):
+        if impl not in self.impls:
+            raise ValueError(f"{type(self).__name__}: impl must be one of {self.impls}, got {impl!r}")
+        self.impl, self.params, self.grads = impl, {}, {}
+        self.output_shape = None  # of the last training-mode forward, for backward's check
+
+    @property
+    def name(self):
+        """The layer's class name in Part I ("Conv2D" for a fast Conv2D too)."""
+        cls = type(self)
+        return cls.__base__.__name__ if cls.fast else cls.__name__
+
+    def __repr__(self):
+        return f"{self.name}()"
 
     def __call__(self, x):
         return self.forward(x)
 
-    def twin(self):
-        """A copy that another thread can run at the same time as this layer: the
-        same parameter arrays, its own gradients and caches (see split_model)."""
-        twin = copy.copy(self)
-        twin.grads = {}
-        return twin
+    def input_pattern(self):
+        """The input shape this layer takes, names standing for any size, e.g.
+        ("N", 3, "H", "W"); None: any shape."""
+        return None
+
+    def check_input(self, x):
+        """x as an array, or a ValueError/TypeError naming this layer and the problem."""
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"{self!r}: input must be floating-point, got {x.dtype} "
+                            f"(normalize integer images first, e.g. with cnn.normalize)")
+        pattern = self.input_pattern()
+        if pattern is not None and (x.ndim != len(pattern) or any(
+                isinstance(want, int) and want != size for want, size in zip(pattern, x.shape))):
+            want = "(" + ", ".join(str(p) for p in pattern) + ")"
+            raise ValueError(f"{self!r}: expected input of shape {want}, got {tuple(x.shape)}")
+        return x
+
+    def check_grad(self, grad):
+        if self.output_shape is None:
+            raise RuntimeError(f"{self!r}: backward() needs a forward() in training mode first")
+        if grad.shape != self.output_shape:
+            raise ValueError(f"{self!r}: gradient of shape {tuple(grad.shape)}, but the last "
+                             f"output had shape {self.output_shape}")
+
+    def forward(self, x):
+        x = self.check_input(x)
+        y = self._forward(x)
+        self.output_shape = y.shape if self.training else None
+        return y
+
+    def backward(self, grad):
+        self.check_grad(grad)
+        return self._backward(grad)
+
+
+def he_normal(rng, shape, fan_in, dtype):
+    """He initialisation: keeps the variance of activations steady through ReLUs."""
+    rng = np.random.default_rng() if rng is None else rng
+    return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(dtype)
+
+
+# --- convolution -----------------------------------------------------------------------
+
+def conv_output_size(h, w, kh, kw, stride, padding):
+    return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def im2col(x, kh, kw, stride=1, padding=0):
+    """x: (N, C, H, W) -> the matrix (N*Ho*Wo, C*kh*kw) whose row (n, i, j) holds the
+    receptive field of output pixel (i, j) of image n, in (c, u, v) order.  A
+    convolution is then one matrix multiply: im2col(x) @ W.reshape(F, -1).T."""
+    n, c, h, w = x.shape
+    ho, wo = conv_output_size(h, w, kh, kw, stride, padding)
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    cols = np.empty((n, ho, wo, c, kh, kw), x.dtype)
+    for u in range(kh):          # kernel offset (u, v) meets pixel (i*s + u, j*s + v)
+        for v in range(kw):
+            cols[..., u, v] = xp[:, :, u:u + stride * ho:stride, v:v + stride * wo:stride].transpose(0, 2, 3, 1)
+    return cols.reshape(n * ho * wo, c * kh * kw)
+
+
+def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
+    """The adjoint of im2col, (N*Ho*Wo, C*kh*kw) -> (N, C, H, W): each number goes
+    back onto the pixel it was copied from, and a pixel that sits in several receptive
+    fields gets the sum.  So col2im(g @ Wmat) is dL/dx when g @ Wmat is dL/dcols."""
+    n, c, h, w = x_shape
+    ho, wo = conv_output_size(h, w, kh, kw, stride, padding)
+    cols = cols.reshape(n, ho, wo, c, kh, kw)
+    xp = np.zeros((n, c, h + 2 * padding, w + 2 * padding), cols.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            xp[:, :, u:u + stride * ho:stride, v:v + stride * wo:stride] += cols[..., u, v].transpose(0, 3, 1, 2)
+    return xp[:, :, padding:padding + h, padding:padding + w]
 
 
 class Conv2D(Layer):
     """2-D cross-correlation, as in PyTorch:
 
-        y[n, f, i, j] = b[f] + sum_{c, u, v} W[f, c, u, v] * xpad[n, c, i*s + u, j*s + v]
+        y[n, f, i, j] = b[f] + sum over c, u, v of W[f, c, u, v] * xpad[n, c, i*s + u, j*s + v]
 
-    impl="loop" computes exactly that with Python loops (for reading); impl="fast"
-    turns it into one matrix multiply (see `_forward_fast`)."""
+    impl="loop" computes exactly that with Python loops; impl="plain" as im2col and
+    one matrix multiply."""
+    impls = ("loop", "plain", "fast")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  impl="fast", bias=True, dtype=np.float32, rng=None):
-        super().__init__()
-        if impl not in ("fast", "loop"):
-            raise ValueError(f"Conv2D: impl must be 'fast' or 'loop', got {impl!r}")
+        super().__init__(impl)
         kh, kw = (kernel_size, kernel_size) if np.isscalar(kernel_size) else kernel_size
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kh, self.kw, self.stride, self.padding, self.impl = kh, kw, stride, padding, impl
-        rng = np.random.default_rng() if rng is None else rng
-        # He initialisation: keeps the variance of activations steady through ReLUs.
-        fan_in = in_channels * kh * kw
-        self.params["W"] = (rng.standard_normal((out_channels, in_channels, kh, kw))
-                            * math.sqrt(2.0 / fan_in)).astype(dtype)
+        self.kh, self.kw, self.stride, self.padding = kh, kw, stride, padding
+        self.params["W"] = he_normal(rng, (out_channels, in_channels, kh, kw), in_channels * kh * kw, dtype)
         if bias:
             self.params["b"] = np.zeros(out_channels, dtype)
         self.trainable = True  # False: fixed weights (no weight gradient, no update)
-        self.buffers = {}      # im2col matrices reused from call to call, see scratch()
 
     def __repr__(self):
         return (f"Conv2D({self.in_channels}, {self.out_channels}, ({self.kh}, {self.kw}), "
                 f"stride={self.stride}, padding={self.padding})")
 
-    def output_size(self, h, w):
-        p, s = self.padding, self.stride
-        return (h + 2 * p - self.kh) // s + 1, (w + 2 * p - self.kw) // s + 1
+    def input_pattern(self):
+        return ("N", self.in_channels, "H", "W")
 
-    def forward(self, x, pool=None):
-        """pool: the MaxPool2D layer that follows this one, run as part of this call
-        where fuses(pool) (Sequential passes it): the result is then the pooled
-        output, and backward takes the gradient of that."""
-        check_input(self, x, self.in_channels)
+    def output_size(self, h, w):
+        return conv_output_size(h, w, self.kh, self.kw, self.stride, self.padding)
+
+    def check_input(self, x):
+        x = super().check_input(x)
         ho, wo = self.output_size(*x.shape[2:])
         if ho < 1 or wo < 1:
             raise ValueError(f"{self!r}: input {tuple(x.shape)} is smaller than the kernel")
-        if pool is not None and not self.fuses(pool):
-            raise ValueError(f"{self!r} cannot run {pool!r} as part of its forward pass")
-        return self._forward_loop(x) if self.impl == "loop" else self._forward_fast(x, pool)
+        return x
 
-    def fuses(self, pool):
-        """Whether forward can run `pool`, a MaxPool2D right after this layer, as
-        part of its own call: both vectorized, and windows that do not overlap."""
-        return self.impl == pool.impl == "fast" and pool.stride == pool.k
+    def backward(self, grad, input_grad=True):
+        """input_grad=False skips dL/dx (nothing before the first trained layer needs
+        it) and returns None."""
+        self.check_grad(grad)
+        return self._backward(grad, input_grad)
 
-    def backward(self, grad_out, input_grad=True):
-        """grad_out: (N, F, Ho, Wo), or the pooled output's gradient if forward ran a
-        pool.  input_grad=False skips dL/dx (the first layer's is never used) and
-        returns None."""
+    def _forward(self, x):
+        self.x_shape = x.shape
+        return self._forward_loop(x) if self.impl == "loop" else self._forward_plain(x)
+
+    def _backward(self, grad, input_grad=True):
         if self.impl == "loop":
-            return self._backward_loop(grad_out, input_grad)
-        return self._backward_fast(grad_out, input_grad)
+            return self._backward_loop(grad, input_grad)
+        return self._backward_plain(grad, input_grad)
 
-    # -- textbook version -------------------------------------------------------------
-    def _pad(self, x):
-        p = self.padding
-        return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+    def _set_grads(self, dW, db):
+        if self.trainable:
+            self.grads["W"] = dW
+            if "b" in self.params:
+                self.grads["b"] = db
 
+    # -- the formula, term by term ------------------------------------------------------
     def _forward_loop(self, x):
         W, s = self.params["W"], self.stride
         b = self.params.get("b", np.zeros(self.out_channels, W.dtype))
-        xp = self._pad(x)                                          # xp: (N, C, H+2p, W+2p)
+        xp = np.pad(x, ((0, 0), (0, 0), (self.padding,) * 2, (self.padding,) * 2))  # xp: (N, C, H+2p, W+2p)
         n_, f_ = x.shape[0], self.out_channels
         ho, wo = self.output_size(*x.shape[2:])
         y = np.zeros((n_, f_, ho, wo), np.result_type(x, W))       # y: (N, F, Ho, Wo)
@@ -298,21 +249,22 @@ class Conv2D(Layer):
                     for j in range(wo):
                         window = xp[n, :, i * s:i * s + self.kh, j * s:j * s + self.kw]
                         y[n, f, i, j] = np.sum(W[f] * window) + b[f]
-        self.x = x
+        if self.training:
+            self.xp = xp
         return y
 
-    def _backward_loop(self, grad_out, input_grad):
+    def _backward_loop(self, grad, input_grad):
         W, s, p = self.params["W"], self.stride, self.padding
-        xp = self._pad(self.x)
+        xp = self.xp
         dxp = np.zeros_like(xp)                                    # dxp: (N, C, H+2p, W+2p)
         dW = np.zeros_like(W)                                      # dW: (F, C, kh, kw)
         db = np.zeros(self.out_channels, W.dtype)
-        n_, f_, ho, wo = grad_out.shape
+        n_, f_, ho, wo = grad.shape
         for n in range(n_):
             for f in range(f_):
                 for i in range(ho):
                     for j in range(wo):
-                        g = grad_out[n, f, i, j]
+                        g = grad[n, f, i, j]
                         rows, cols = slice(i * s, i * s + self.kh), slice(j * s, j * s + self.kw)
                         # y[n,f,i,j] touched W[f] and this window: each gets g times the other.
                         dW[f] += g * xp[n, :, rows, cols]
@@ -321,397 +273,72 @@ class Conv2D(Layer):
         self._set_grads(dW, db)
         if not input_grad:
             return None
-        h, w = self.x.shape[2:]
+        h, w = self.x_shape[2:]
         return dxp[:, :, p:p + h, p:p + w]
 
-    def _set_grads(self, dW, db):
-        if self.trainable:
-            self.grads["W"] = dW
-            if "b" in self.params:
-                self.grads["b"] = db
-
-    # -- vectorized version -----------------------------------------------------------
-    def _forward_fast(self, x, pool):
-        """im2col + a matrix multiply.
-
-        im2col copies every receptive field into one row of a matrix `cols` of shape
-        (N*Ho*Wo, kh*kw*C); then y = cols @ Wmat with Wmat of shape (kh*kw*C, F) is the
-        whole convolution, a matrix multiply that BLAS runs near the machine's peak,
-        and its (N*Ho*Wo, F) result already is the output in NHWC memory.  The copy
-        is cheap when it moves contiguous runs: from channels-last memory (what every
-        fast layer outputs) each run is C numbers of one pixel.  There the matrix is
-        built and multiplied a few images at a time, on every core at once, so that
-        the multiply reads it from the core's cache rather than from memory (see
-        im2col_matmul): network 4's first block ran 1.7x as fast.  From NCHW memory
-        (images straight from the data, C = 1 or 3) we build the transposed matrix
-        cols^T instead, whose rows are contiguous image rows, and BLAS reads the
-        transpose for free.
-
-        With a max pool of k x k windows after it, the rows of cols are put in
-        pooling-phase order (see pooling_phases): for each image, first the pixels at
-        offset (0, 0) of their window, then those at (0, 1), and so on.  Each window
-        offset is then one contiguous block of y, and pooling runs over whole blocks
-        instead of strided slices, whose inner loops are only C numbers long in
-        channels-last memory: network 2's first pooling took 0.15 + 0.23 ms instead of
-        0.50 + 0.43 for 32 images on one core.  Pixels that no window covers are not
-        computed at all."""
-        W, p = self.params["W"], self.padding
-        n, c, h, w = x.shape
-        ho, wo = self.output_size(h, w)
-        f, k = self.out_channels, 1 if pool is None else pool.k
-        if min(ho, wo) < k:
-            raise ValueError(f"{pool!r}: input {(n, f, ho, wo)} is smaller than the window")
-        pixels = n * k * k * (ho // k) * (wo // k)                 # rows of cols: N*Ho*Wo unpooled
-        buffers = self.buffers if self.training else TRANSIENT  # evaluation keeps no cache
-        if memory_order(x)[2:] == (2, 3) and c < 8:  # image rows contiguous: rows of cols^T
-            cols = scratch(buffers, "cols", (c * self.kh * self.kw, pixels), x.dtype)  # cols^T: (C*kh*kw, M)
-            im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride, out=cols, pool=k)
-            if f < 8:
-                # Channel-major output, (F, N*Ho*Wo) = W @ cols^T: with this few
-                # channels, pooling and bias run along image rows instead of over F
-                # numbers at a time (max pooling 32 images with 4 channels: 0.28 +
-                # 0.19 ms instead of 0.45 + 0.30 channels-last).  With 8 channels
-                # (network 3) the next convolution's copy to channels-last cost more:
-                # its training step was 4-7 % slower.
-                layout, y = "channel-major", thin_matmul(W.reshape(f, -1), cols)  # y: (F, M)
-            else:
-                layout, y = "t", thin_matmul(cols.T, W.reshape(f, -1).T)        # y: (M, F)
-        else:                                   # channels-last memory
-            # cols as a view of the padded input, never copied whole (see im2col_matmul).
-            cols = receptive_fields(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, k)  # (N, ..., kh, kw, C)
-            layout, y = "nhwc", np.empty((pixels, f), x.dtype)         # y: (M, F)
-            im2col_matmul(cols, W.transpose(2, 3, 1, 0).reshape(-1, f), y)
-        if "b" in self.params and layout == "channel-major":
-            split_batch(np.add, y, self.params["b"][:, None], y)
-        elif "b" in self.params:
-            # Image by image, against the biases repeated for each pixel: broadcasting b
-            # alone makes NumPy run its inner loop over only F numbers at a time, 5x
-            # slower with 4 channels (measured 0.28 vs 0.05 ms for 64 images of network 1).
-            rows = np.tile(self.params["b"], pixels // n)             # rows: (pixels of an image * F,)
-            split_batch(lambda y: np.add(y, rows, out=y), y.reshape(n, -1))
+    # -- im2col and one matrix multiply ----------------------------------------------
+    def _forward_plain(self, x):
+        W = self.params["W"]
+        n, f = len(x), self.out_channels
+        ho, wo = self.output_size(*x.shape[2:])
+        cols = im2col(x, self.kh, self.kw, self.stride, self.padding)  # cols: (N*Ho*Wo, C*kh*kw)
+        y = cols @ W.reshape(f, -1).T                              # y: (N*Ho*Wo, F)
+        if "b" in self.params:
+            y += self.params["b"]
         if self.training:
-            self.cache, self.x_shape, self.x_order = (layout, cols), x.shape, memory_order(x)
-            self.pool, self.y_shape = pool, y.shape
-        if pool is not None:
-            order = (1, 0, 2, 3) if layout == "channel-major" else (0, 2, 3, 1)
-            return pool.pool_windows(self._output_windows(y, layout, n, ho, wo, k), order)
-        if layout == "channel-major":
-            return y.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
-        return nchw_view(y.reshape(n, ho, wo, f))
+            self.cols = cols
+        return y.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)       # (N, F, Ho, Wo)
 
-    def _output_windows(self, y, layout, n, ho, wo, k):
-        """The (N, F, Ho/k, Wo/k, k, k) windows view of an output matrix y whose
-        pixels are in pooling-phase order."""
-        hq, wq = ho // k, wo // k
-        if layout == "channel-major":                              # y: (F, N*k*k*Hq*Wq)
-            return y.reshape(self.out_channels, n, k, k, hq, wq).transpose(1, 0, 4, 5, 2, 3)
-        return y.reshape(n, k, k, hq, wq, self.out_channels).transpose(0, 5, 3, 4, 1, 2)
-
-    def _backward_fast(self, grad_out, input_grad):
-        """dW is the forward matrix multiply run backwards: cols^T @ g, and db the
-        column sums of g.  dL/dx has two routes, each the faster one where it is used:
-        a layer that widens (C < F) sums kh*kw thin products, the others run one
-        convolution of width F (measured on 64 images in two rounds, sum vs
-        convolution: 8 -> 16 channels 1.4-1.8 vs 1.7-1.8 ms, 16 -> 32 1.9-2.3 vs
-        2.4-2.6, 24 -> 64 30-33 vs 46-49, 64 -> 128 3.3-5.2 vs 4.3-5.3; but 16 -> 16
-        1.6-1.9 vs 1.3-1.5 and 64 -> 64 15-18 vs 12-13).  dL/dx is returned in the
-        memory order of the input."""
-        n, c, h, w = self.x_shape
-        ho, wo = self.output_size(h, w)
-        f, kh, kw = self.out_channels, self.kh, self.kw
-        layout, cols = self.cache                  # cols^T (C*kh*kw, M), or a view (N, ..., kh, kw, C)
-        if self.pool is None:                                      # gm: like y, (F, M) or (M, F)
-            gm = grad_out.transpose(1, 0, 2, 3).reshape(f, -1) if layout == "channel-major" \
-                else nhwc(grad_out).reshape(-1, f)
-        else:                                                      # the pool's backward, into gm
-            k = self.pool.k
-            gm = np.empty(self.y_shape, grad_out.dtype)
-            gm_windows = self._output_windows(gm, layout, n, ho, wo, k)  # (N, F, Ho/k, Wo/k, k, k)
-            self.pool.route(grad_out, gm_windows)
-        if self.trainable:
-            rows = gm.T if layout == "channel-major" else gm        # rows: (M, F)
-            if layout == "nhwc":                                   # cols^T @ rows, a few images at a time
-                dW = im2col_matmul_t(cols, rows.reshape(n, -1, f)).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
-            else:                                                  # cols: (C*kh*kw, M)
-                dW = thin_matmul(cols, rows).T.reshape(f, c, kh, kw)
-            # Only with a bias: the sum took 4-5 ms of network 4's first block at N=256.
-            db = column_sum(rows) if "b" in self.params else None
-            self._set_grads(np.ascontiguousarray(dW), db)
+    def _backward_plain(self, grad, input_grad):
+        W, f = self.params["W"], self.out_channels
+        g = grad.transpose(0, 2, 3, 1).reshape(-1, f)              # g: (N*Ho*Wo, F), rows as in cols
+        # y = cols @ Wmat^T + b, so dWmat = g^T @ cols, db = the column sums of g,
+        # and dcols = g @ Wmat, which col2im adds back onto the pixels.
+        self._set_grads((g.T @ self.cols).reshape(W.shape), g.sum(axis=0))
         if not input_grad:
             return None
-        if self.pool is None:
-            g = nhwc(grad_out)                                     # g: (N, Ho, Wo, F)
-        else:  # back from pooling-phase order to pixels, zeros where no window covered
-            g = (np.empty if (ho % k, wo % k) == (0, 0) else np.zeros)((n, ho, wo, f), gm.dtype)
-            pixels = gm_windows.transpose(0, 2, 3, 1, 4, 5)                # (N, Ho/k, Wo/k, F, k, k)
-            split_batch(np.copyto, windows(g, k, k, k, (1, 2), writeable=True), pixels)
-        dx = self._input_grad_sum(g) if c < f else self._input_grad_conv(g)
-        return in_memory_order(dx, self.x_order)
-
-    def _input_grad_conv(self, g):
-        """dL/dx as a convolution: the output gradient, spread out by the stride (zeros
-        in between) and padded by k - 1, cross-correlated with the kernel flipped in
-        both directions and with in/out channels swapped: im2col and one matrix
-        multiply, as in the forward pass."""
-        W, s, p = self.params["W"], self.stride, self.padding
-        n, c, h, w = self.x_shape
-        f, kh, kw = self.out_channels, self.kh, self.kw
-        ho, wo = g.shape[1:3]
-        hp, wp = h + 2 * p, w + 2 * p
-        spread = np.zeros((n, hp + kh - 1, wp + kw - 1, f), g.dtype)  # spread: (N, Hp+kh-1, Wp+kw-1, F)
-        split_batch(np.copyto, spread[:, kh - 1:kh - 1 + s * (ho - 1) + 1:s, kw - 1:kw - 1 + s * (wo - 1) + 1:s], g)
-        w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
-        # Only the windows of the unpadded pixels: the padding's gradient is not needed.
-        spread = spread[:, p:p + h + kh - 1, p:p + w + kw - 1]
-        dx = np.empty((n, h, w, c), g.dtype)                       # dx: (N, H, W, C)
-        im2col_matmul(receptive_fields(spread, kh, kw, 1), w_flipped, dx.reshape(-1, c))
-        return nchw_view(dx)
-
-    def _input_grad_sum(self, g):
-        """dL/dx straight from the forward sum: input pixel (i*s + u, j*s + v) met
-        kernel offset (u, v) at output pixel (i, j), so dL/dx is the sum over the
-        kh*kw offsets of g @ W[:, :, u, v]^T shifted by (u, v).  One batched matrix
-        multiply makes the kh*kw products, each a contiguous (N, Ho, Wo, C) block,
-        and adding a block onto its shifted slice of the padded input moves whole
-        image rows (Wo*C numbers) at a time.  Its matrix has kh*kw*C columns where
-        the convolution's has kh*kw*F: less to copy when the layer widens.  As in
-        im2col_matmul, a few images at a time, so that the products are added while
-        they are in the core's cache."""
-        W, p = self.params["W"], self.padding
-        n, c, h, w = self.x_shape
-        _, ho, wo, f = g.shape                                     # g: (N, Ho, Wo, F)
-        taps = self.kh * self.kw
-        w_taps = W.transpose(2, 3, 0, 1).reshape(taps, f, c)       # (kh*kw, F, C)
-        dxpad = np.empty((n, h + 2 * p, w + 2 * p, c), g.dtype)    # dxpad: (N, H+2p, W+2p, C)
-
-        def add_products(g, dxpad):
-            parts = scratch(TRANSIENT, "grad_parts", (taps, len(g) * ho * wo, c), g.dtype)
-            np.matmul(g.reshape(-1, f), w_taps, out=parts)
-            self._overlap_add(parts.reshape(taps, len(g), ho, wo, c).transpose(1, 0, 2, 3, 4), dxpad)
-
-        by_images(add_products, (g, dxpad), taps * ho * wo * c * g.itemsize)
-        return nchw_view(dxpad[:, p:p + h, p:p + w])
-
-    def _overlap_add(self, parts, dxpad):
-        s, ho, wo = self.stride, *parts.shape[2:4]
-        dxpad.fill(0)
-        for t, (u, v) in enumerate(np.ndindex(self.kh, self.kw)):
-            dxpad[:, u:u + s * ho:s, v:v + s * wo:s] += parts[:, t]
+        return col2im(g @ W.reshape(f, -1), self.x_shape, self.kh, self.kw, self.stride, self.padding)
 
 
-def pad_hw(x, p, axes=(1, 2)):
-    """Zero-pad the two spatial axes of x by p pixels (no copy when p = 0)."""
-    if not p:
-        return x
-    shape, inner = list(x.shape), [slice(None)] * x.ndim
-    for a in axes:
-        shape[a] += 2 * p
-        inner[a] = slice(p, -p)
-    padded = np.zeros(shape, x.dtype)
-    split_batch(np.copyto, padded[tuple(inner)], x)
-    return padded
+# --- pooling ---------------------------------------------------------------------------
 
-
-TRANSIENT = {}  # work arrays needed only within one call, shared by all layers
-
-# Evaluation batch size: measured here, batches of 256 infer 20 to 40 % faster than
-# batches of 1,000 on networks 2 to 4 (smaller work arrays, less memory traffic) and
-# are still large enough for BLAS.
-EVAL_BATCH = 256
-
-
-def scratch(buffers, name, shape, dtype):
-    """An uninitialised work array of this shape, kept in buffers from call to call.
-    NumPy gets arrays of tens of megabytes fresh from the operating system
-    each time, and first touching their pages costs about as much as the copy that
-    fills them (measured on network 4's first block: 31 ms into a reused buffer,
-    57 ms into a fresh one).  A layer's own buffers hold what its backward needs
-    from the last forward; TRANSIENT ones are overwritten by the next call of any
-    layer.  Each thread has its own (the key includes it), so that a layer and its
-    twin in another thread never write into the same array."""
-    size = math.prod(shape)
-    key = (threading.get_ident(), name)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.size < size or buffer.dtype != dtype:
-        buffer = buffers[key] = np.empty(size, dtype)
-    return buffer[:size].reshape(shape)
-
-
-def windows(x, kh, kw, stride, axes, writeable=False):
-    """All kh x kw windows of x along the two spatial `axes`, every stride-th one,
-    as a view (no copy) with the two window axes appended: window (i, j) starts
-    at pixel (i*stride, j*stride), so its axes step by stride pixels and the
-    window's own by one.  (np.lib.stride_tricks.sliding_window_view does the same
-    with a stride of 1 and more checks: 16 microseconds a call here, against 7.)
-    A writeable view of windows that overlap holds each pixel more than once: write
-    into it one window offset [..., u, v] at a time."""
-    (a, b), shape, strides = axes, list(x.shape), list(x.strides)
-    shape[a], shape[b] = (x.shape[a] - kh) // stride + 1, (x.shape[b] - kw) // stride + 1
-    strides[a], strides[b] = x.strides[a] * stride, x.strides[b] * stride
-    return np.lib.stride_tricks.as_strided(x, shape + [kh, kw], strides + [x.strides[a], x.strides[b]],
-                                           writeable=writeable)
-
-
-def pooling_phases(pixels, k, axis):
-    """pixels: an array whose axes axis, axis+1 are output pixels (i, j) ->
-    (..., k, k, Ho // k, Wo // k, ...): the pixels that k x k pooling windows with
-    stride k cover, grouped by their offset (u, v) in their window: [..., u, v, i, j,
-    ...] is pixel (i*k + u, j*k + v).  A view; pixels no window covers (the last
-    row or column when Ho or Wo is odd and k = 2) are left out."""
-    hq, wq = pixels.shape[axis] // k, pixels.shape[axis + 1] // k
-    covered = pixels[(slice(None),) * axis + (slice(0, hq * k), slice(0, wq * k))]
-    split = covered.reshape(pixels.shape[:axis] + (hq, k, wq, k) + pixels.shape[axis + 2:])
-    order = list(range(split.ndim))
-    order[axis:axis + 4] = axis + 1, axis + 3, axis, axis + 2
-    return split.transpose(order)
-
-
-def receptive_fields(x, kh, kw, stride, pool=1):
-    """x: (N, H, W, C) -> the view (N, Ho, Wo, kh, kw, C) of every output pixel's
-    receptive field: read as a matrix, one row per output pixel in (u, v, c) order,
-    this is im2col's matrix (N*Ho*Wo, kh*kw*C).  pool > 1: pixels in pooling-phase
-    order (see pooling_phases), (N, pool, pool, Ho // pool, Wo // pool, kh, kw, C)."""
-    cells = windows(x, kh, kw, stride, (1, 2)).transpose(0, 1, 2, 4, 5, 3)  # (N, Ho, Wo, kh, kw, C)
-    return pooling_phases(cells, pool, 1) if pool > 1 else cells
-
-
-# im2col matrices are built and multiplied a few images at a time, each piece
-# about this size, so that it is still in the core's cache (2 MB of L2 here)
-# when the matrix multiply reads it.
-CHUNK_BYTES = 1 << 20
-
-
-def by_images(fn, arrays, image_bytes):
-    """[fn(*slices) for each group of images], slices being consecutive images
-    (axis 0) of the arrays, as many as make CHUNK_BYTES of work at image_bytes
-    each.  The groups are dealt out to the cores in runs, each core running its
-    groups with one BLAS thread (see one_core_each).  The groups do not depend on
-    the number of cores, so neither does any number computed from them."""
-    n = len(arrays[0])
-    group = max(1, CHUNK_BYTES // image_bytes)
-    starts = range(0, n, group)
-
-    def run(i, starts):
-        return [fn(*(a[j:j + group] for a in arrays)) for j in starts]
-
-    with one_core_each(len(starts) > 1) as taken:
-        parts = in_parallel(run, [starts], min(CORES, len(starts))) if taken else [run(0, starts)]
-    return [result for part in parts for result in part]
-
-
-def im2col_rows(fields):
-    """The im2col matrix (rows, K) of a few images' receptive fields view `fields`,
-    copied into this thread's small work buffer."""
-    cols = scratch(TRANSIENT, "cols", fields.shape, fields.dtype)
-    np.copyto(cols, fields)
-    return cols.reshape(-1, math.prod(fields.shape[-3:]))
-
-
-def im2col_matmul(fields, weights, out):
-    """out = cols @ weights, cols being the im2col matrix of the receptive fields
-    view `fields` (N, ..., K numbers per row), without ever holding all of cols:
-    each core copies the rows of a few images into a small buffer and multiplies
-    it at once.  Built whole, cols (hundreds of megabytes for network 4) went out to
-    memory and came back for the multiply: the forward pass of network 4's 24 -> 64
-    layer took 61 ms for 256 images, 36 ms in pieces.  out: (N * rows per image, F)."""
-    def multiply(fields, out):
-        np.matmul(im2col_rows(fields), weights, out=out.reshape(-1, weights.shape[1]))
-
-    by_images(multiply, (fields, out.reshape(len(fields), -1)), fields[0].nbytes)
-    return out
-
-
-def im2col_matmul_t(fields, g):
-    """cols^T @ g, summed a few images at a time as in im2col_matmul.
-    g: (N, rows per image, F) -> (K, F)."""
-    def multiply(fields, g):
-        return im2col_rows(fields).T @ g.reshape(-1, g.shape[-1])
-
-    return sum(by_images(multiply, (fields, g), fields[0].nbytes))
-
-
-def im2col_t(x, kh, kw, stride, out=None, pool=1):
-    """x: (N, C, H, W) -> cols^T: (C*kh*kw, N*Ho*Wo), the transpose of im2col's
-    matrix built from NCHW memory (written into out if given): each copy moves a
-    run of Wo neighbouring pixels.  pool > 1: columns in pooling-phase order (see
-    pooling_phases); a run is then every pool-th pixel, and the copy takes twice as
-    long (0.64 vs 0.35 ms for 32 CIFAR-10 images; dealing x's columns into phases
-    first, so that the runs are contiguous again, did not make it faster)."""
-    cells = windows(x, kh, kw, stride, (2, 3)).transpose(1, 4, 5, 0, 2, 3)  # (C, kh, kw, N, Ho, Wo)
-    if pool > 1:
-        cells = pooling_phases(cells, pool, 4)                     # (C, kh, kw, N, k, k, Ho/k, Wo/k)
-    if out is None:
-        return cells.reshape(x.shape[1] * kh * kw, -1)
-    batch_first = (3, 0, 1, 2) + tuple(range(4, cells.ndim))  # split_batch cuts axis 0
-    split_batch(np.copyto, out.reshape(cells.shape).transpose(batch_first), cells.transpose(batch_first))
-    return out
-
-
-SMALL_MATMUL = 100 ** 3  # multiply-adds up to which OpenBLAS uses its small-matrix kernels
-
-
-def thin_matmul(a, b):
-    """a @ b for products with one long dimension and two short ones whose product
-    is at most 256, like the first convolution's (9 or 27 taps, 4 to 16 channels,
-    N*Ho*Wo pixels).  Above SMALL_MATMUL multiply-adds OpenBLAS (0.3.31 on this
-    Xeon) leaves its small-matrix kernel for the general one, up to 5x slower
-    on shapes this thin (one core, 32 images): (6, 9) @ (9, 25088) took 0.15 ms
-    whole and 0.05 ms in blocks, (9, 25088) @ (25088, 6) 0.30 and 0.06 ms, network
-    3's (27, 28800) @ (28800, 8) 0.44 and 0.36 ms.  So the long dimension is
-    cut into blocks under that size, and a long inner dimension is summed block by
-    block.  Other products go to BLAS whole."""
-    (m, k), n = a.shape, b.shape[1]
-    longest = max(m, k, n)
-    short = m * k * n // longest
-    block = max(1, SMALL_MATMUL // short)
-    if short > 256 or longest <= block:
-        return a @ b
-    if longest == k:                                           # sum over blocks of k
-        out = a[:, :block] @ b[:block]
-        for i in range(block, k, block):
-            out += a[:, i:i + block] @ b[i:i + block]
-        return out
-    out = np.empty((m, n), np.result_type(a, b))
-    for i in range(0, longest, block):
-        rows = slice(i, i + block) if longest == m else slice(None)
-        cols = slice(i, i + block) if longest != m else slice(None)
-        np.matmul(a[rows], b[:, cols], out=out[rows, cols])
-    return out
-
-
-def column_sum(a):
-    """a.sum(axis=0) for a tall matrix a, as the product ones @ a: BLAS sums the rows
-    on all cores, an order of magnitude faster than NumPy's reduction down axis 0."""
-    return np.ones(a.shape[0], a.dtype) @ a
+def pool_windows(x, k, stride):
+    """x: (N, C, H, W) -> the view (N, C, Ho, Wo, k, k) of every k x k window, every
+    stride-th one: [n, c, i, j] is the window whose top-left pixel is (i*s, j*s)."""
+    return np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
 
 
 class MaxPool2D(Layer):
     """Max over each kernel_size x kernel_size window (stride defaults to the kernel).
     The gradient goes to the first maximum of each window (row-major order, as in
-    PyTorch) and is accumulated where windows overlap."""
+    PyTorch) and adds up where windows overlap."""
+    impls = ("loop", "plain", "fast")
 
     def __init__(self, kernel_size=2, stride=None, impl="fast"):
-        super().__init__()
-        if impl not in ("fast", "loop"):
-            raise ValueError(f"MaxPool2D: impl must be 'fast' or 'loop', got {impl!r}")
-        self.k, self.stride, self.impl = kernel_size, stride or kernel_size, impl
+        super().__init__(impl)
+        self.k, self.stride = kernel_size, stride or kernel_size
 
     def __repr__(self):
         return f"MaxPool2D({self.k}, stride={self.stride})"
 
+    def input_pattern(self):
+        return ("N", "C", "H", "W")
+
     def output_size(self, h, w):
         return (h - self.k) // self.stride + 1, (w - self.k) // self.stride + 1
 
-    def forward(self, x):
-        check_input(self, x)
+    def check_input(self, x):
+        x = super().check_input(x)
         if min(x.shape[2:]) < self.k:
             raise ValueError(f"{self!r}: input {tuple(x.shape)} is smaller than the window")
-        return self._forward_loop(x) if self.impl == "loop" else self._forward_fast(x)
+        return x
 
-    def backward(self, grad_out):
-        if self.impl == "loop":
-            return self._backward_loop(grad_out)
-        return self._backward_fast(grad_out)
+    def _forward(self, x):
+        self.x_shape = x.shape
+        return self._forward_loop(x) if self.impl == "loop" else self._forward_plain(x)
+
+    def _backward(self, grad):
+        return self._backward_loop(grad) if self.impl == "loop" else self._backward_plain(grad)
 
     def _forward_loop(self, x):
         k, s = self.k, self.stride
@@ -726,243 +353,151 @@ class MaxPool2D(Layer):
                         window = x[n, c, i * s:i * s + k, j * s:j * s + k]
                         self.argmax[n, c, i, j] = np.argmax(window)   # first maximum
                         y[n, c, i, j] = window.flat[self.argmax[n, c, i, j]]
-        self.x_shape = x.shape
         return y
 
-    def _backward_loop(self, grad_out):
+    def _backward_loop(self, grad):
         k, s = self.k, self.stride
-        dx = np.zeros(self.x_shape, grad_out.dtype)
-        n_, c_, ho, wo = grad_out.shape
+        dx = np.zeros(self.x_shape, grad.dtype)
+        n_, c_, ho, wo = grad.shape
         for n in range(n_):
             for c in range(c_):
                 for i in range(ho):
                     for j in range(wo):
                         u, v = divmod(self.argmax[n, c, i, j], k)
-                        dx[n, c, i * s + u, j * s + v] += grad_out[n, c, i, j]
+                        dx[n, c, i * s + u, j * s + v] += grad[n, c, i, j]
         return dx
 
-    def _forward_fast(self, x):
-        """The window offsets (u, v) of windows(x) are k*k strided slices of x:
-        pooling becomes k*k element-wise operations over whole arrays, for any
-        kernel, stride or size, and in any memory order (NumPy runs its inner loop
-        along the innermost axis: channels in channels-last memory, image rows in
-        channel-major memory).  The output keeps x's memory order."""
-        order = memory_order(x)
-        y = self.pool_windows(windows(x, self.k, self.k, self.stride, (2, 3)), order)
-        if self.training:
-            self.x_shape, self.x_order = x.shape, order
-        return y
+    def _forward_plain(self, x):
+        cells = pool_windows(x, self.k, self.stride)               # cells: (N, C, Ho, Wo, k, k)
+        flat = cells.reshape(cells.shape[:4] + (-1,))              # flat: (N, C, Ho, Wo, k*k)
+        self.argmax = flat.argmax(axis=-1)                         # the first maximum
+        return np.take_along_axis(flat, self.argmax[..., None], axis=-1)[..., 0]
 
-    def pool_windows(self, cells, order):
-        """Max over the windows in cells (N, C, Ho, Wo, k, k), [..., u, v] being offset
-        (u, v) of window (i, j): a running maximum over the k*k offsets, where `which`
-        remembers the offset of the first maximum (strict > keeps the earliest), so
-        backward does not search again.  Returns y (N, C, Ho, Wo) in memory order
-        `order`.  Conv2D calls it directly with its output's windows when this layer
-        follows it (see Conv2D.forward)."""
-        y = empty_in_order(cells.shape[:4], order, cells.dtype)                 # y: (N, C, Ho, Wo)
-        which = empty_in_order(y.shape, order, np.uint8) if self.training else None  # which: like y
-        split_batch(self._max, cells, y, which)
-        if self.training:
-            self.which = which
-        return y
-
-    def _max(self, cells, y, which):
-        np.copyto(y, cells[..., 0, 0])
-        if which is not None:
-            which.fill(0)
-        for t, (u, v) in enumerate(np.ndindex(self.k, self.k)):
-            if t:
-                candidate = cells[..., u, v]
-                if which is not None:  # which = t where candidate > y, else unchanged (uint8 arithmetic)
-                    which += (candidate > y).view(np.uint8) * (np.uint8(t) - which)
-                np.maximum(y, candidate, out=y)
-
-    def _backward_fast(self, grad_out):
-        """dx in the input's memory order; it needs zeros first only where some
-        pixels are in no window."""
-        (n, c, h, w), (ho, wo) = self.x_shape, grad_out.shape[2:]
-        dx = empty_in_order(self.x_shape, self.x_order, grad_out.dtype)  # dx: (N, C, H, W)
-        if self.stride < self.k or (h, w) != (ho * self.k, wo * self.k):
-            split_batch(lambda part: part.fill(0), dx)
-        self.route(grad_out, windows(dx, self.k, self.k, self.stride, (2, 3), writeable=True))
+    def _backward_plain(self, grad):
+        dx = np.zeros(self.x_shape, grad.dtype)
+        u, v = np.divmod(self.argmax, self.k)                      # the winner's place in its window
+        n, c, i, j = np.indices(grad.shape, sparse=True)
+        np.add.at(dx, (n, c, i * self.stride + u, j * self.stride + v), grad)  # adds where windows overlap
         return dx
-
-    def route(self, grad_out, cells):
-        """Each window's gradient goes to the offset `which` recorded: one masked
-        product per offset, written straight into cells (N, C, Ho, Wo, k, k), the
-        windows of the input gradient, when windows do not overlap, added when they do."""
-        split_batch(self._route, grad_out, self.which, cells)
-
-    def _route(self, g, which, cells):
-        for t, (u, v) in enumerate(np.ndindex(self.k, self.k)):
-            hit = which == t
-            if self.stride < self.k:
-                cells[..., u, v] += g * hit
-            else:
-                np.multiply(g, hit, out=cells[..., u, v])
 
 
 class GlobalMaxPool2D(Layer):
     """(N, C, H, W) -> (N, C): the largest value of each channel; its gradient goes
     to the first maximum."""
 
-    def __repr__(self):
-        return "GlobalMaxPool2D()"
+    def input_pattern(self):
+        return ("N", "C", "H", "W")
 
-    def forward(self, x):
-        check_input(self, x)
-        xh = nhwc(x)
-        flat = xh.reshape(xh.shape[0], -1, xh.shape[3])            # flat: (N, H*W, C)
-        idx = flat.argmax(axis=1)[:, None, :]                       # idx: (N, 1, C)
-        if self.training:
-            self.idx, self.xh_shape = idx, xh.shape
-        return np.take_along_axis(flat, idx, axis=1)[:, 0, :]
+    def _forward(self, x):
+        flat = x.reshape(x.shape[0], x.shape[1], -1)               # flat: (N, C, H*W)
+        self.x_shape, self.argmax = x.shape, flat.argmax(axis=2)
+        return np.take_along_axis(flat, self.argmax[..., None], axis=2)[..., 0]
 
-    def backward(self, grad_out):
-        n, h, w, c = self.xh_shape
-        dflat = np.zeros((n, h * w, c), grad_out.dtype)
-        np.put_along_axis(dflat, self.idx, grad_out[:, None, :], axis=1)
-        return nchw_view(dflat.reshape(n, h, w, c))
+    def _backward(self, grad):
+        n, c, h, w = self.x_shape
+        dflat = np.zeros((n, c, h * w), grad.dtype)
+        np.put_along_axis(dflat, self.argmax[..., None], grad[..., None], axis=2)
+        return dflat.reshape(self.x_shape)
 
+
+# --- activations and the other layers -------------------------------------------------
 
 class ReLU(Layer):
-    def __repr__(self):
-        return "ReLU()"
+    """y = max(x, 0); dy/dx = 1 where x > 0, else 0."""
 
-    def forward(self, x):
-        y = np.empty_like(x)  # keeps x's memory layout
-        split_batch(lambda x, y: np.maximum(x, 0, out=y), x, y)
+    def _forward(self, x):
+        y = np.maximum(x, 0)
         if self.training:
             self.y = y
         return y
 
-    def backward(self, grad_out):
-        dx = np.empty_like(self.y)
-        split_batch(lambda g, y, dx: np.multiply(g, y > 0, out=dx), grad_out, self.y, dx)
-        return dx
+    def _backward(self, grad):
+        return grad * (self.y > 0)
 
 
 class GELU(Layer):
-    """GELU, tanh approximation: y = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3).
-
-    Written as a chain of in-place operations on one or two work arrays: on network
-    4's largest activations that runs twice as fast as the same formula with a fresh
-    temporary array for every operator (the time goes to memory, not arithmetic),
-    and split_batch runs it on every core."""
+    """GELU, tanh approximation: y = x/2 * (1 + t), t = tanh(u), u = C (x + A x^3)."""
     C, A = math.sqrt(2.0 / math.pi), 0.044715
 
-    def __repr__(self):
-        return "GELU()"
-
-    def forward(self, x):
-        t, y = np.empty_like(x), np.empty_like(x)  # same memory layout as x
-        split_batch(self._forward, x, t, y)
+    def _forward(self, x):
+        t = np.tanh(self.C * (x + self.A * x ** 3))
         if self.training:
             self.x, self.t = x, t
-        return y
+        return 0.5 * x * (1 + t)
 
-    @classmethod
-    def _forward(cls, x, t, y):
-        np.multiply(x, x, out=t)      # t = tanh(C * x * (1 + A x^2)), built in place
-        t *= cls.C * cls.A            # (x * x * x: float32 ** is 40x slower)
-        t += cls.C
-        t *= x
-        np.tanh(t, out=t)
-        np.add(t, 1, out=y)
-        y *= x
-        y *= 0.5
-
-    def backward(self, grad_out):
-        d = np.empty_like(self.x)
-        split_batch(self._backward, self.x, self.t, grad_out, d)
-        return d
-
-    @classmethod
-    def _backward(cls, x, t, g, d):
-        # dy/dx = (1 + t)/2 + x/2 * (1 - t^2) * du/dx, with du/dx = C * (1 + 3A x^2)
-        np.multiply(x, x, out=d)
-        d *= 3 * cls.C * cls.A
-        d += cls.C
-        d *= x
-        one_minus_t2 = t * t
-        np.subtract(1, one_minus_t2, out=one_minus_t2)
-        d *= one_minus_t2
-        d += t
-        d += 1
-        d *= 0.5
-        d *= g
+    def _backward(self, grad):
+        # dy/dx = (1 + t)/2 + x/2 * (1 - t^2) * du/dx, with du/dx = C (1 + 3A x^2)
+        x, t = self.x, self.t
+        du = self.C * (1 + 3 * self.A * x * x)
+        return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)
 
 
 class Flatten(Layer):
-    """(N, C, H, W) -> (N, C*H*W), in C, H, W order whatever the memory layout."""
+    """(N, C, H, W) -> (N, C*H*W), in C, H, W order."""
 
-    def __repr__(self):
-        return "Flatten()"
-
-    def forward(self, x):
-        self.x_shape, self.x_order = x.shape, memory_order(x)
+    def _forward(self, x):
+        self.x_shape = x.shape
         return x.reshape(x.shape[0], -1)
 
-    def backward(self, grad_out):
-        return in_memory_order(grad_out.reshape(self.x_shape), self.x_order)
+    def _backward(self, grad):
+        return grad.reshape(self.x_shape)
 
 
 class Dense(Layer):
     """y = x @ W + b with W: (in_features, out_features)."""
 
-    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
-        super().__init__()
-        rng = np.random.default_rng() if rng is None else rng
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None, impl="fast"):
+        super().__init__(impl)
         self.in_features, self.out_features = in_features, out_features
-        self.params["W"] = (rng.standard_normal((in_features, out_features))
-                            * math.sqrt(2.0 / in_features)).astype(dtype)
+        self.params["W"] = he_normal(rng, (in_features, out_features), in_features, dtype)
         if bias:
             self.params["b"] = np.zeros(out_features, dtype)
 
     def __repr__(self):
         return f"Dense({self.in_features}, {self.out_features})"
 
-    def forward(self, x):
-        check_input(self, x, self.in_features, ndim=2)
+    def input_pattern(self):
+        return ("N", self.in_features)
+
+    def _forward(self, x):
         if self.training:
             self.x = x
         y = x @ self.params["W"]                                   # y: (N, out)
         return y + self.params["b"] if "b" in self.params else y
 
-    def backward(self, grad_out):
-        self.grads["W"] = self.x.T @ grad_out
+    def _backward(self, grad):
+        self.grads["W"] = self.x.T @ grad
         if "b" in self.params:
-            self.grads["b"] = column_sum(grad_out)
-        return grad_out @ self.params["W"].T
+            self.grads["b"] = grad.sum(axis=0)
+        return grad @ self.params["W"].T
 
 
 class Scale(Layer):
     """y = factor * x (a fixed factor, e.g. to temper the logits)."""
 
-    def __init__(self, factor):
-        super().__init__()
+    def __init__(self, factor, impl="fast"):
+        super().__init__(impl)
         self.factor = factor
 
     def __repr__(self):
         return f"Scale({self.factor:g})"
 
-    def forward(self, x):
+    def _forward(self, x):
         return x * self.factor
 
-    def backward(self, grad_out):
-        return grad_out * self.factor
+    def _backward(self, grad):
+        return grad * self.factor
 
 
 class BatchNorm2D(Layer):
     """Batch normalization over N, H, W for each channel, PyTorch semantics: batch
-    statistics in training (running variance updated with the unbiased estimate),
-    running statistics in evaluation.  scale=False fixes gamma at 1 (only the shift
-    beta is trained)."""
+    statistics in training (the running variance is updated with the unbiased
+    estimate), running statistics in evaluation.  scale=False fixes gamma at 1 (only
+    the shift beta is trained)."""
     buffer_names = ("running_mean", "running_var")
 
-    def __init__(self, channels, momentum=0.1, eps=1e-5, scale=True, dtype=np.float32):
-        super().__init__()
+    def __init__(self, channels, momentum=0.1, eps=1e-5, scale=True, dtype=np.float32, impl="fast"):
+        super().__init__(impl)
         self.channels, self.momentum, self.eps = channels, momentum, eps
         if scale:
             self.params["gamma"] = np.ones(channels, dtype)
@@ -973,82 +508,84 @@ class BatchNorm2D(Layer):
     def __repr__(self):
         return f"BatchNorm2D({self.channels})"
 
-    def forward(self, x):
-        check_input(self, x, self.channels)
-        xh = nhwc(x)
-        rows = xh.reshape(-1, self.channels)                       # rows: (N*H*W, C)
-        count = rows.shape[0]
-        # Column sums as BLAS products (see column_sum), in place where possible:
-        # NumPy's rows.var(axis=0) alone takes longer than this whole forward pass.
-        mean = column_sum(rows) / count if self.training else self.running_mean
-        xhat = np.empty_like(rows)                                 # xhat: (N*H*W, C)
-        split_batch(lambda rows, xhat: np.subtract(rows, mean, out=xhat), rows, xhat)
-        if self.training:
-            var = np.einsum("ij,ij->j", xhat, xhat) / count
-            m = self.momentum
-            self.running_mean[:] = (1 - m) * self.running_mean + m * mean
-            self.running_var[:] = (1 - m) * self.running_var + m * var * count / max(count - 1, 1)
-        else:
-            var = self.running_var
-        inv_std = (1.0 / np.sqrt(var + self.eps)).astype(xhat.dtype)
-        gamma, beta = self.params.get("gamma"), self.params["beta"]
-        y = np.empty_like(xhat)                                    # y: (N*H*W, C)
+    def input_pattern(self):
+        return ("N", self.channels, "H", "W")
 
-        def normalize(xhat, y):
-            xhat *= inv_std
-            if gamma is None:
-                np.add(xhat, beta, out=y)
-            else:
-                np.multiply(xhat, gamma, out=y)
-                y += beta
-        split_batch(normalize, xhat, y)
+    def update_running_stats(self, mean, var, count):
+        m = self.momentum
+        self.running_mean[:] = (1 - m) * self.running_mean + m * mean
+        self.running_var[:] = (1 - m) * self.running_var + m * var * count / max(count - 1, 1)
+
+    def _forward(self, x):
+        axes, count = (0, 2, 3), x.size // self.channels
+        if self.training:
+            mean, var = x.mean(axis=axes), x.var(axis=axes)        # mean, var: (C,)
+            self.update_running_stats(mean, var, count)
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = 1 / np.sqrt(var + self.eps)
+        xhat = (x - mean[:, None, None]) * inv_std[:, None, None]  # xhat: (N, C, H, W)
         if self.training:
             self.xhat, self.inv_std = xhat, inv_std
-        return nchw_view(y.reshape(xh.shape))
+        gamma = self.params.get("gamma", np.ones(self.channels, x.dtype))
+        return (gamma[:, None, None] * xhat + self.params["beta"][:, None, None]).astype(x.dtype, copy=False)
 
-    def backward(self, grad_out):
-        g = nhwc(grad_out)
-        shape = g.shape
-        g = g.reshape(-1, self.channels)                           # g: (N*H*W, C)
-        xhat, count = self.xhat, g.shape[0]
-        self.grads["beta"] = g_sum = column_sum(g)
-        g_xhat = np.einsum("ij,ij->j", g, xhat)
-        scale = self.inv_std
+    def _backward(self, grad):
+        # With m = N*H*W values per channel, xhat = (x - mean) / sigma and
+        # y = gamma * xhat + beta, x reaches the loss three ways: through its own
+        # xhat, through the mean and through the variance.  Differentiating,
+        #   dxhat_i/dx_j = (delta_ij - 1/m) / sigma - xhat_i xhat_j / (m sigma)
+        # so, with gx = dL/dxhat = gamma * g,
+        #   dL/dx = (gx - mean(gx) - xhat * mean(gx * xhat)) / sigma.
+        axes, xhat = (0, 2, 3), self.xhat
+        self.grads["beta"] = grad.sum(axis=axes)
         if "gamma" in self.params:
-            self.grads["gamma"] = g_xhat
-            scale = scale * self.params["gamma"]
-        # d/dx of gamma * (x - mean)/std with mean and std depending on the whole batch:
-        #   dx = gamma / std * (g - mean(g) - xhat * mean(g * xhat))
-        coef, shift = -g_xhat / count, g_sum / count
-        dx = np.empty_like(xhat)                                   # dx: (N*H*W, C)
-
-        def combine(xhat, g, dx):
-            np.multiply(xhat, coef, out=dx)
-            dx += g
-            dx -= shift
-            dx *= scale
-        split_batch(combine, xhat, g, dx)
-        return nchw_view(dx.reshape(shape))
+            self.grads["gamma"] = (grad * xhat).sum(axis=axes)
+        gamma = self.params.get("gamma", np.ones(self.channels, grad.dtype))
+        gx = grad * gamma[:, None, None]
+        mean_gx = gx.mean(axis=axes, keepdims=True)
+        mean_gx_xhat = (gx * xhat).mean(axis=axes, keepdims=True)
+        return ((gx - mean_gx - xhat * mean_gx_xhat) * self.inv_std[:, None, None]).astype(grad.dtype, copy=False)
 
 
-# ======================================================================================
-# 2. Loss
-# ======================================================================================
+# --- the loss --------------------------------------------------------------------------
+
+def log_softmax(logits):
+    """log(softmax(logits)) along axis 1, as z - log(sum(exp(z))) with z = logits - max:
+    exp never overflows."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 class SoftmaxCrossEntropy:
     """Mean cross-entropy of softmax(logits) against integer labels.  With label
     smoothing e the target is (1 - e) * one_hot + e / K.  The mean over the batch is
-    taken here and nowhere else."""
+    taken here and nowhere else.  Its gradient is (softmax - target) / N."""
 
     def __init__(self, label_smoothing=0.0):
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits, labels):
-        check_input(self, logits, ndim=2)
+    def __repr__(self):
+        return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"
+
+    def check(self, logits, labels):
+        logits, labels = np.asarray(logits), np.asarray(labels)
+        if logits.ndim != 2 or logits.dtype.kind != "f":
+            raise ValueError(f"{self!r}: logits must be floating-point (N, K), got {logits.dtype} {logits.shape}")
         n, k = logits.shape
-        z = logits - logits.max(axis=1, keepdims=True)
-        log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # log-sum-exp
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise ValueError(f"{self!r}: labels must be 1-D integers, got {labels.dtype} {labels.shape}")
+        if len(labels) != n:
+            raise ValueError(f"{self!r}: {len(labels)} labels for {n} rows of logits")
+        if n and (labels.min() < 0 or labels.max() >= k):
+            bad = labels.min() if labels.min() < 0 else labels.max()
+            raise ValueError(f"{self!r}: label {bad} out of range for {k} classes (0..{k - 1})")
+        return logits, labels
+
+    def forward(self, logits, labels):
+        logits, labels = self.check(logits, labels)
+        n, k = logits.shape
+        log_probs = log_softmax(logits)
         target = np.full((n, k), self.label_smoothing / k, logits.dtype)
         target[np.arange(n), labels] += 1 - self.label_smoothing
         self.probs, self.target = np.exp(log_probs), target
@@ -1057,18 +594,18 @@ class SoftmaxCrossEntropy:
     def backward(self):
         return (self.probs - self.target) / self.probs.shape[0]
 
-    def __repr__(self):
-        return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"
 
+# --- optimizers and learning-rate schedules -------------------------------------------
 
-def log_softmax(logits):
-    z = logits - logits.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-# ======================================================================================
-# 3. Optimizers and learning-rate schedules
-# ======================================================================================
+def checked_parameters(owner, params):
+    """params as a list of (name, layer, key), or a TypeError saying what is expected."""
+    params = list(params)
+    for entry in params:
+        if not (isinstance(entry, tuple) and len(entry) == 3 and isinstance(getattr(entry[1], "params", None), dict)
+                and entry[2] in entry[1].params):
+            raise TypeError(f"{owner}: expects model.parameters(), a list of (name, layer, key); "
+                            f"got an item of type {type(entry).__name__}")
+    return params
 
 
 class SGD:
@@ -1079,7 +616,7 @@ class SGD:
     where BatchNorm shifts learn 64x faster without being decayed 64x harder)."""
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
-        self.params, self.lr = list(params), lr
+        self.params, self.lr = checked_parameters("SGD", params), lr
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         self.state = {name: np.zeros_like(layer.params[key]) for name, layer, key in self.params}
 
@@ -1099,19 +636,20 @@ class SGD:
 
 
 class Adam:
-    """Adam (Kingma & Ba), with L2 weight decay added to the gradient as in PyTorch."""
+    """Adam (Kingma & Ba), with L2 weight decay added to the gradient as in PyTorch.
+    The step count lives in `state` with the moments, so a checkpoint keeps it."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        self.params, self.lr, self.betas = list(params), lr, betas
-        self.eps, self.weight_decay, self.t = eps, weight_decay, 0
-        self.state = {}
+        self.params, self.lr, self.betas = checked_parameters("Adam", params), lr, betas
+        self.eps, self.weight_decay = eps, weight_decay
+        self.state = {"adam.t": np.zeros((), np.int64)}
         for name, layer, key in self.params:
             self.state[name + ".m"] = np.zeros_like(layer.params[key])
             self.state[name + ".v"] = np.zeros_like(layer.params[key])
 
     def step(self):
-        self.t += 1
-        b1, b2 = self.betas
+        self.state["adam.t"] += 1
+        t, (b1, b2) = int(self.state["adam.t"]), self.betas
         for name, layer, key in self.params:
             p, g = layer.params[key], layer.grads[key]
             if self.weight_decay:
@@ -1121,7 +659,7 @@ class Adam:
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * g * g
-            m_hat, v_hat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
+            m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
             lr = self.lr * getattr(layer, "lr_scale", 1.0)
             p -= (lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(p.dtype, copy=False)
 
@@ -1134,15 +672,19 @@ class Lookahead:
     (no averaging while the weights still travel far) and grows to `decay` at the
     end, smoothing out the noise of the last steps; after the last step the model
     keeps the slow weights.  BatchNorm running statistics are averaged with the rest.
-    The slow weights live in `state`, so checkpoints keep them."""
+    The slow weights and the step count live in `state`, so checkpoints keep them."""
 
     def __init__(self, optimizer, model, total_steps, every=5, decay=0.95 ** 5):
         self.optimizer, self.total_steps, self.every, self.decay = optimizer, total_steps, every, decay
         self.fast = {name: a for name, a in model.state_arrays().items() if a.dtype.kind == "f"}
         self.state = optimizer.state
+        self.state["lookahead.t"] = np.zeros((), np.int64)
         for name, a in self.fast.items():
             self.state["slow/" + name] = a.copy()
-        self.t = 0
+
+    @property
+    def t(self):
+        return int(self.state["lookahead.t"])
 
     @property
     def lr(self):
@@ -1154,7 +696,7 @@ class Lookahead:
 
     def step(self):
         self.optimizer.step()
-        self.t += 1
+        self.state["lookahead.t"] += 1
         if self.t % self.every == 0:
             self.pull(self.decay * (self.t / self.total_steps) ** 3)
         if self.t == self.total_steps:
@@ -1196,41 +738,59 @@ def warmup_linear_lr(lr, total_steps, warmup=0.2, final_fraction=0.0, initial_fr
     return schedule
 
 
-# ======================================================================================
-# 4. Model
-# ======================================================================================
+# --- the model -------------------------------------------------------------------------
+
+class DataError(ValueError):
+    """A file that is missing or not what it should be; the message names the file and
+    the problem."""
 
 
-class Sequential:
+def save_npz(path, arrays):
+    """np.savez into a temporary file beside path, then rename: a crash never leaves
+    half a file under path."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_npz(path):
+    """{name: array} of an .npz file of plain numeric arrays, or a DataError naming the
+    file and the problem.  Never unpickles (an .npz can hold pickled objects, which
+    could run code)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path}: damaged or not a model file ({type(e).__name__}: {e})") from None
+    if not isinstance(arrays, dict):
+        raise DataError(f"{path}: not a model file (a single array, not a set of named arrays)")
+    for name, value in arrays.items():
+        if value.dtype.kind not in "biuf":
+            raise DataError(f"{path}: not a model file ({name} holds {value.dtype}, not numbers)")
+    return arrays
+
+
+class Sequential(HasFastVersion):
     """Layers applied in order.  backward() stops at the first layer with trained
     parameters: nothing before it needs a gradient (the images never do), so that
-    layer's input gradient is skipped too, unless input_grad=True.
+    layer's input gradient is skipped too, unless input_grad=True."""
 
-    A Conv2D directly followed by a MaxPool2D it fuses with runs the pooling as part
-    of its own forward and backward (see Conv2D._forward_fast): the same numbers,
-    without a pass over strided slices of the convolution's output."""
-
-    def __init__(self, *layers):
-        self.layers = list(layers)
+    def __init__(self, *layers, impl="fast"):
+        self.layers, self.impl = list(layers), impl
 
     def __repr__(self):
         return "Sequential(\n" + "".join(f"  {layer!r},\n" for layer in self.layers) + ")"
 
-    def fused_pools(self):
-        """{i: the MaxPool2D at i + 1} for each Conv2D at i that runs it."""
-        return {i: pool for i, (conv, pool) in enumerate(zip(self.layers, self.layers[1:]))
-                if isinstance(conv, Conv2D) and isinstance(pool, MaxPool2D) and conv.fuses(pool)}
-
     def forward(self, x):
-        pools = self.fused_pools()
-        for i, layer in enumerate(self.layers):
-            if i in pools:
-                x = layer.forward(x, pool=pools[i])
-            elif i - 1 not in pools:  # else it ran with the convolution before it
-                x = layer.forward(x)
+        for layer in self.layers:
+            x = layer.forward(x)
         return x
 
-    __call__ = forward
+    def __call__(self, x):
+        return self.forward(x)
 
     def first_trained(self):
         """The index of the first layer whose parameters are trained (None if none
@@ -1241,14 +801,10 @@ class Sequential:
     def backward(self, grad, input_grad=False):
         first = self.first_trained()
         stop = 0 if input_grad or first is None else first
-        pools = self.fused_pools()
-        for i in range(len(self.layers) - 1, stop, -1):
-            if i - 1 not in pools:  # a fused pool's backward runs in its convolution's
-                grad = self.layers[i].backward(grad)
+        for layer in self.layers[:stop:-1]:
+            grad = layer.backward(grad)
         last = self.layers[stop]
-        if isinstance(last, Conv2D):
-            return last.backward(grad, input_grad=input_grad)
-        return last.backward(grad)
+        return last.backward(grad, input_grad=input_grad) if isinstance(last, Conv2D) else last.backward(grad)
 
     def train(self):
         for layer in self.layers:
@@ -1260,9 +816,20 @@ class Sequential:
             layer.training = False
         return self
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Evaluation mode within the block, each layer's mode restored after it."""
+        modes = [layer.training for layer in self.layers]
+        self.eval()
+        try:
+            yield self
+        finally:
+            for layer, mode in zip(self.layers, modes):
+                layer.training = mode
+
     def parameters(self):
         """[(name, layer, key)] for every trained array, e.g. ("0.Conv2D.W", conv, "W")."""
-        return [(f"{i}.{type(layer).__name__}.{key}", layer, key)
+        return [(f"{i}.{layer.name}.{key}", layer, key)
                 for i, layer in enumerate(self.layers) if getattr(layer, "trainable", True)
                 for key in layer.params]
 
@@ -1270,43 +837,26 @@ class Sequential:
         """Every array that defines the model: parameters and buffers, by name."""
         arrays = {}
         for i, layer in enumerate(self.layers):
-            prefix = f"{i}.{type(layer).__name__}."
-            for key, value in layer.params.items():
-                arrays[prefix + key] = value
-            for key in layer.buffer_names:
-                arrays[prefix + key] = getattr(layer, key)
+            for key, value in list(layer.params.items()) + [(k, getattr(layer, k)) for k in layer.buffer_names]:
+                arrays[f"{i}.{layer.name}.{key}"] = value
         return arrays
 
-    def predict(self, x, batch_size=EVAL_BATCH):
-        """Logits for x in evaluation mode, batch by batch, without backward caches,
-        each batch split over the cores (split_model)."""
-        was_training = [layer.training for layer in self.layers]
-        self.eval()
-        try:
-            batches = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
-            return np.concatenate([np.concatenate(split_model(self, Sequential.forward, batch))
-                                   for batch in batches])
-        finally:
-            for layer, mode in zip(self.layers, was_training):
-                layer.training = mode
+    def predict(self, x, batch_size=256):
+        """Logits for x in evaluation mode, batch by batch, without backward caches."""
+        with self.evaluating():
+            return np.concatenate([self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
     def summary(self, input_shape, file=None):
         """Print each layer's output shape and parameter count for one input of
         input_shape (C, H, W); returns the text."""
         lines = [f"{'layer':<44}{'output shape':>20}{'parameters':>12}"]
-        x = np.zeros((1,) + tuple(input_shape), np.float32)
-        total = 0
-        was_training = [layer.training for layer in self.layers]
-        self.eval()
-        try:
+        x, total = np.zeros((1,) + tuple(input_shape), np.float32), 0
+        with self.evaluating():
             for layer in self.layers:
                 x = layer.forward(x)
                 count = sum(p.size for p in layer.params.values())
                 total += count
                 lines.append(f"{layer!r:<44}{str(tuple(x.shape[1:])):>20}{count:>12,}")
-        finally:
-            for layer, mode in zip(self.layers, was_training):
-                layer.training = mode
         lines.append(f"{'total':<64}{total:>12,}")
         text = "\n".join(lines)
         print(text, file=file or sys.stdout)
@@ -1320,102 +870,23 @@ class Sequential:
         save_npz(path, arrays)
 
     def load(self, path):
-        """Load arrays written by save(); every name and shape must match this model.
-        Returns the file's other arrays (optimizer state, metadata)."""
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                stored = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a model file ({e})") from None
+        """Load arrays written by save(); every name and shape must match this model,
+        or a DataError says what differs and nothing is changed.  Returns the file's
+        other arrays (optimizer state, metadata)."""
+        stored = load_npz(path)
         expected = self.state_arrays()
         names = {k[len("model/"):] for k in stored if k.startswith("model/")}
         missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{path}: does not fit this model: missing {missing or 'nothing'}, "
-                             f"unexpected {unexpected or 'nothing'}")
+            raise DataError(f"{path}: made for another network: missing {missing or 'nothing'}, "
+                            f"unexpected {unexpected or 'nothing'}")
         for name, target in expected.items():
-            value = stored["model/" + name]
-            if value.shape != target.shape:
-                raise ValueError(f"{path}: {name} has shape {value.shape}, "
-                                 f"the model expects {target.shape}")
+            if stored["model/" + name].shape != target.shape:
+                raise DataError(f"{path}: made for another network: {name} has shape "
+                                f"{stored['model/' + name].shape}, the model expects {target.shape}")
         for name, target in expected.items():
             target[...] = stored["model/" + name]
         return {k: v for k, v in stored.items() if not k.startswith("model/")}
-
-
-def split_model(model, fn, *arrays):
-    """[fn(net, *slices)] for CORES slices of the batch (axis 0 of the arrays), all
-    at once, each run by its own net in its own thread: the model itself on the
-    first slice, twins of it on the others (the same weight arrays, their own
-    gradients and caches, see Layer.twin).
-
-    With 1 to 32 channels a layer is a few NumPy calls over some 10,000 to 700,000
-    numbers: too little to split any one call over the cores with profit (see
-    split_batch), so most of a step would run on one core.  Running the whole
-    network on half of the batch in each thread keeps both cores busy from the
-    first layer to the last (a network 2 training step took 6.8-8.5 ms instead of
-    10.8-11.2 here; network 4, whose BatchNorm only splits in evaluation mode,
-    predicted 1,024 images in 1.4-1.5 s instead of 1.9-2.0).  On Linux, training
-    goes one step further with a TwinProcess.  Where OpenBLAS's
-    thread count cannot be set (NumPy built on another BLAS), on one core or for
-    one image, fn runs once, on the whole batch."""
-    parts = min(CORES, len(arrays[0]))
-    with one_core_each(parts > 1) as taken:
-        if not taken:
-            return [fn(model, *arrays)]
-        nets = [model] + [Sequential(*[layer.twin() for layer in model.layers]) for _ in range(parts - 1)]
-        return in_parallel(lambda i, *part: fn(nets[i], *part), arrays, parts)
-
-
-@contextlib.contextmanager
-def one_core_each(wanted=True):
-    """Within the block, each thread that runs a slice of the model has a core to
-    itself: OpenBLAS runs on one thread (or its threads and ours would fight over
-    the cores) and split_batch hands nothing to its helpers.  Yields whether it
-    did so: not where OpenBLAS's thread count cannot be set, nor when an outer
-    block already took the cores."""
-    global _cores_taken
-    blas_before = blas_threads(1) if wanted and not _cores_taken else None
-    if blas_before is None:
-        yield False
-        return
-    _cores_taken = True
-    try:
-        yield True
-    finally:
-        _cores_taken = False
-        blas_threads(blas_before)
-
-
-def save_npz(path, arrays):
-    """np.savez into path.tmp, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def whitening_filters(x, kernel_size=2, eps=5e-4):
-    """Filters (2 * C*k*k, C, k, k) that whiten the k x k patches of images x
-    (N, C, H, W): the eigenvectors of the patches' covariance, each scaled by
-    1 / sqrt(eigenvalue + eps), used with both signs (so a ReLU-like activation after
-    them loses nothing).  A convolution with them decorrelates neighbouring pixels and
-    channels, which makes the first epochs of training much more effective."""
-    c = x.shape[1]
-    patches = im2col_t(np.ascontiguousarray(x, np.float64), kernel_size, kernel_size, 1)  # (C*k*k, M)
-    covariance = patches @ patches.T / patches.shape[1]
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    filters = (eigenvectors.T / np.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, kernel_size, kernel_size)
-    return np.concatenate([filters, -filters])
-
-
-def dirac_init(conv):
-    """Make the first in_channels filters of conv pass their input channel through
-    unchanged (a 1 at the kernel's centre): the block starts close to the identity."""
-    W = conv.params["W"]
-    n = min(conv.in_channels, conv.out_channels)
-    W[:n] = 0
-    W[np.arange(n), np.arange(n), conv.kh // 2, conv.kw // 2] = 1
 
 
 def numerical_gradient(f, x, eps=1e-6):
@@ -1434,14 +905,1194 @@ def numerical_gradient(f, x, eps=1e-6):
     return grad
 
 
+# --- initialisers beyond He's ----------------------------------------------------------
+
+def whitening_filters(x, kernel_size=2, eps=5e-4):
+    """Filters (2 * C*k*k, C, k, k) that whiten the k x k patches of images x
+    (N, C, H, W): the eigenvectors of the patches' covariance, each scaled by
+    1 / sqrt(eigenvalue + eps), used with both signs (so a ReLU-like activation after
+    them loses nothing).  A convolution with them decorrelates neighbouring pixels and
+    channels, which makes the first epochs of training much more effective."""
+    c = x.shape[1]
+    patches = np.ascontiguousarray(im2col(np.asarray(x, np.float64), kernel_size, kernel_size).T)  # (C*k*k, M)
+    covariance = patches @ patches.T / patches.shape[1]
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    filters = (eigenvectors.T / np.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, kernel_size, kernel_size)
+    return np.concatenate([filters, -filters])
+
+
+def dirac_init(conv):
+    """Make the first in_channels filters of conv pass their input channel through
+    unchanged (a 1 at the kernel's centre): the block starts close to the identity."""
+    W = conv.params["W"]
+    n = min(conv.in_channels, conv.out_channels)
+    W[:n] = 0
+    W[np.arange(n), np.arange(n), conv.kh // 2, conv.kw // 2] = 1
+
+
 # ======================================================================================
-# 5. Data: readers, downloader, streaming mini-batches
+# Part II, the engine: the same layers, faster
+# ======================================================================================
+# Everything in this part exists for speed, and gives Part I's numbers up to float32
+# rounding (the tests compare the loop, plain and fast forms in float64).  The ideas,
+# from the largest gain down (the README's speed table has the measurements):
+#
+#   - im2col as a view of the input, copied and multiplied a few images at a time, so
+#     that the matrix multiply reads it from the core's cache (im2col_matmul);
+#   - activations kept channels-last in memory behind NCHW views, so that the next
+#     im2col copies whole pixels (C numbers) at a time;
+#   - a max pooling right after a convolution runs inside the convolution's call, its
+#     rows in pooling-phase order, so that every window offset is a contiguous block;
+#   - both cores on every step: the batch split between two threads (split_model) or,
+#     in training, a forked twin process (TwinProcess); element-wise passes split
+#     over threads (split_batch); OpenBLAS held at one thread while the engine runs
+#     its own threads, so the two never fight over the cores;
+#   - work arrays reused from call to call, freed memory kept by malloc.
+#
+# The fast convolution picks its variant from the shapes alone; each variant is
+# named here, once, and checked against Part I by the test beside it:
+#
+#   layout (FastConv2D.layout)        when                                 test
+#   "channel-major"  y = W @ cols^T   image rows contiguous, C < 8, F < 8   test_fast_conv_variants
+#   "rows"           y = cols^T.T @ W image rows contiguous, C < 8, F >= 8  test_fast_conv_variants
+#   "channels-last"  im2col_matmul    any other input                       test_fast_conv_variants
+#   dx route (FastConv2D.dx_route)
+#   "sum of taps"    kh*kw products   the layer widens, C < F               test_fast_conv_variants
+#   "convolution"    flipped kernel   C >= F                                test_fast_conv_variants
+#   pooling
+#   "fused"          conv + pool      a MaxPool2D with stride = kernel right after a fast
+#                                     Conv2D in a Sequential                test_fast_conv_variants
+#
+# The engine is safe to embed: importing it starts nothing and changes no setting;
+# its helper threads start at first use and serve one call at a time, so models may
+# run in several threads of your program at once (a call that finds no idle helper
+# runs its slices itself, with the same numbers); a forked child starts afresh; and
+# OpenBLAS's thread count, which is process-wide, is set to one while any engine call
+# needs it and restored when the last one ends.
+#
+# The switch: CORES is how many cores the engine's own parallelism uses (its threads,
+# its split of the batch, its twin process).  cnn.CORES = 1 turns all of it off.
+
+CORES = os.cpu_count() or 1
+SPLIT_MIN = 1 << 16   # fewer elements than this: a thread costs more than it saves
+CHUNK_BYTES = 1 << 20  # im2col is built and multiplied in pieces of about this size
+EVAL_BATCH = 256       # evaluation batch: large enough for BLAS, small enough for the cache
+
+
+# --- memory layouts --------------------------------------------------------------------
+
+def nhwc(x):
+    """(N, C, H, W) array in any memory order -> contiguous (N, H, W, C).  Free (no
+    copy) when x is the NCHW view of a channels-last buffer, as fast layers return."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def nchw_view(x):
+    """Contiguous (N, H, W, C) -> the (N, C, H, W) view of the same memory."""
+    return x.transpose(0, 3, 1, 2)
+
+
+def memory_order(x):
+    """x's axes from the outermost in memory to the innermost: (0, 1, 2, 3) for
+    NCHW memory, (0, 2, 3, 1) for channels-last, (1, 0, 2, 3) for channel-major."""
+    return tuple(sorted(range(x.ndim), key=x.strides.__getitem__, reverse=True))
+
+
+def inverse(order):
+    """The permutation that undoes `order` (np.argsort(order) without its overhead)."""
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
+def empty_in_order(shape, order, dtype):
+    """An uninitialised array of this shape whose memory runs in `order`."""
+    return np.empty([shape[axis] for axis in order], dtype).transpose(inverse(order))
+
+
+def in_memory_order(x, order):
+    """x itself if its memory runs in `order`, else a copy that does.  Layers return
+    their input gradient in the order their input came in, so that the element-wise
+    backward before them multiplies arrays of one layout (on two layouts NumPy's
+    inner loops get as short as the channel count)."""
+    if memory_order(x) == order:
+        return x
+    out = empty_in_order(x.shape, order, x.dtype)
+    split_batch(np.copyto, out, x)
+    return out
+
+
+def windows(x, kh, kw, stride, axes, writeable=False):
+    """All kh x kw windows of x along the two spatial `axes`, every stride-th one,
+    as a view with the two window axes appended (pool_windows of Part I, for any
+    axes and memory order, without sliding_window_view's per-call checks).  A
+    writeable view of overlapping windows holds a pixel more than once: write into
+    it one window offset [..., u, v] at a time."""
+    (a, b), shape, strides = axes, list(x.shape), list(x.strides)
+    shape[a], shape[b] = (x.shape[a] - kh) // stride + 1, (x.shape[b] - kw) // stride + 1
+    strides[a], strides[b] = x.strides[a] * stride, x.strides[b] * stride
+    return np.lib.stride_tricks.as_strided(x, shape + [kh, kw], strides + [x.strides[a], x.strides[b]],
+                                           writeable=writeable)
+
+
+def pooling_phases(pixels, k, axis):
+    """pixels: an array whose axes axis, axis+1 are output pixels (i, j) ->
+    (..., k, k, Ho // k, Wo // k, ...): the pixels that k x k pooling windows with
+    stride k cover, grouped by their offset (u, v) in their window: [..., u, v, i, j,
+    ...] is pixel (i*k + u, j*k + v).  A view; pixels no window covers (the last
+    row or column when Ho or Wo is odd and k = 2) are left out."""
+    hq, wq = pixels.shape[axis] // k, pixels.shape[axis + 1] // k
+    covered = pixels[(slice(None),) * axis + (slice(0, hq * k), slice(0, wq * k))]
+    split = covered.reshape(pixels.shape[:axis] + (hq, k, wq, k) + pixels.shape[axis + 2:])
+    order = list(range(split.ndim))
+    order[axis:axis + 4] = axis + 1, axis + 3, axis, axis + 2
+    return split.transpose(order)
+
+
+def receptive_fields(x, kh, kw, stride, pool=1):
+    """x: (N, H, W, C) -> the view (N, Ho, Wo, kh, kw, C) of every output pixel's
+    receptive field: read as a matrix, one row per output pixel in (u, v, c) order,
+    this is im2col's matrix (N*Ho*Wo, kh*kw*C).  pool > 1: pixels in pooling-phase
+    order (see pooling_phases), (N, pool, pool, Ho // pool, Wo // pool, kh, kw, C)."""
+    cells = windows(x, kh, kw, stride, (1, 2)).transpose(0, 1, 2, 4, 5, 3)  # (N, Ho, Wo, kh, kw, C)
+    return pooling_phases(cells, pool, 1) if pool > 1 else cells
+
+
+def pad_hw(x, p, axes=(1, 2)):
+    """Zero-pad the two spatial axes of x by p pixels (no copy when p = 0)."""
+    if not p:
+        return x
+    shape, inner = list(x.shape), [slice(None)] * x.ndim
+    for a in axes:
+        shape[a] += 2 * p
+        inner[a] = slice(p, -p)
+    padded = np.zeros(shape, x.dtype)
+    split_batch(np.copyto, padded[tuple(inner)], x)
+    return padded
+
+
+# --- threads and OpenBLAS ----------------------------------------------------------------
+
+class Helper:
+    """A thread that runs the calls handed to it, one at a time.  The hand-over is a
+    pair of locks, about half the cost of a ThreadPoolExecutor future, and the engine
+    hands work over a few dozen times per training step."""
+
+    def __init__(self):
+        self.start, self.done = threading.Lock(), threading.Lock()
+        self.start.acquire()
+        self.done.acquire()
+        self.call, self.error = None, None
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            self.start.acquire()
+            try:
+                self.call()
+            except BaseException as error:  # handed to the caller by wait()
+                self.error = error
+            self.done.release()
+
+    def submit(self, call):
+        self.call = call
+        self.start.release()
+
+    def wait(self):
+        """Wait for the call to end; returns the exception it raised, or None."""
+        self.done.acquire()
+        error, self.error = self.error, None
+        return error
+
+
+class EngineState:
+    """What the engine shares between the threads of one process: its idle helper
+    threads, and how many calls hold OpenBLAS at one thread.  A forked child makes a
+    fresh one: the helpers did not survive the fork, and a lock may have been held."""
+
+    def __init__(self, parent=None):
+        self.pid, self.lock = os.getpid(), threading.Lock()
+        self.idle, self.started = [], 0
+        self.blas_holders, self.blas_before = 0, None
+        if parent is not None and parent.blas_holders:  # forked while a call held OpenBLAS
+            blas_threads(parent.blas_before)
+
+    def take_helpers(self, count):
+        """Up to count idle helpers, starting new ones up to CORES - 1 in all."""
+        with self.lock:
+            while len(self.idle) < count and self.started < CORES - 1:
+                self.idle.append(Helper())
+                self.started += 1
+            taken, self.idle = self.idle[:count], self.idle[count:]
+        return taken
+
+    def give_back(self, helpers):
+        with self.lock:
+            self.idle.extend(helpers)
+
+    def hold_blas(self):
+        """Set OpenBLAS to one thread, unless another call already did; False where
+        its thread count cannot be set."""
+        with self.lock:
+            if self.blas_holders == 0:
+                before = blas_threads(1)
+                if before is None:
+                    return False
+                self.blas_before = before
+            self.blas_holders += 1
+            return True
+
+    def release_blas(self):
+        with self.lock:
+            self.blas_holders -= 1
+            if self.blas_holders == 0:
+                blas_threads(self.blas_before)
+
+
+_engine = None
+_engine_lock = threading.Lock()
+_local = threading.local()  # per thread: cores_taken, and the work arrays of scratch()
+
+
+def engine():
+    """This process's EngineState, made at first use (and again after a fork)."""
+    global _engine
+    state = _engine
+    if state is None or state.pid != os.getpid():
+        with _engine_lock:
+            if _engine is None or _engine.pid != os.getpid():
+                _engine = EngineState(_engine)
+            state = _engine
+    return state
+
+
+def cores_taken():
+    """True in a thread that runs a slice of a model split over the cores: it has a
+    core to itself, and hands nothing more to helper threads."""
+    return getattr(_local, "cores_taken", False)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """OpenBLAS on one thread within the block, for this and every other thread of
+    the process, restored when the last such block ends, however it ends.  Yields
+    False (and changes nothing) where OpenBLAS's thread count cannot be set.  The
+    engine runs every product this way: its own threads keep the cores busy, a sum
+    split over OpenBLAS's threads would depend on their number, and OpenBLAS's idle
+    threads would spin on a core the engine's threads need."""
+    state = engine()
+    held = state.hold_blas()
+    try:
+        yield held
+    finally:
+        if held:
+            state.release_blas()
+
+
+@contextlib.contextmanager
+def own_core(taken=True):
+    """Marks the block's thread as running a slice of a split model (cores_taken)."""
+    before, _local.cores_taken = cores_taken(), taken
+    try:
+        yield
+    finally:
+        _local.cores_taken = before
+
+
+def in_parallel(fn, arrays, parts):
+    """[fn(i, *slices_i) for i in range(parts)], slices_i being the i-th of `parts`
+    near-equal slices along axis 0 of each array (None stays None).  Idle helper
+    threads run slices 1, 2, ... at the same time as this thread runs slice 0; this
+    thread also runs any slice no helper was free for.  The slices never depend on
+    the number of helpers, so neither do the results."""
+    n = len(arrays[0])
+    bounds = [n * i // parts for i in range(parts + 1)]
+    slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
+    results, taken = [None] * parts, cores_taken()
+
+    def run(i):
+        with own_core(taken):
+            results[i] = fn(i, *slices[i])
+
+    state = engine()
+    helpers = state.take_helpers(parts - 1)
+    errors = []
+    try:
+        for i, helper in enumerate(helpers, 1):
+            helper.submit(lambda i=i: run(i))
+        run(0)
+        for i in range(len(helpers) + 1, parts):
+            run(i)
+    finally:
+        errors = [error for error in (helper.wait() for helper in helpers) if error is not None]
+        state.give_back(helpers)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def split_batch(fn, *arrays):
+    """fn(*parts) on CORES slices of the batch (axis 0) of the arrays at once, one
+    slice per thread; None stays None.  NumPy runs each element-wise operation on
+    one core but releases the GIL inside its loops, so the slices run truly in
+    parallel.  fn writes only into the slices it is given, so the result is the same,
+    number for number.  Inside a split model every core already has its slice, and
+    fn runs whole in this thread."""
+    parts = min(CORES, len(arrays[0])) if arrays[0].size >= SPLIT_MIN and not cores_taken() else 1
+    if parts == 1:
+        fn(*arrays)
+    else:
+        in_parallel(lambda i, *part: fn(*part), arrays, parts)
+
+
+def blas_threads(count):
+    """Let OpenBLAS, the matrix-multiply library inside NumPy's wheels, use `count`
+    threads (count None: leave it); returns how many it used before, or None where
+    it cannot be found (NumPy built on another BLAS), in which case nothing changed."""
+    global _openblas
+    if _openblas is None:
+        _openblas = _find_openblas()
+    if not _openblas:
+        return None
+    set_threads, get_threads = _openblas
+    before = get_threads()
+    if count is not None:
+        set_threads(count)
+    return before
+
+
+_openblas = None  # (set, get) thread-count functions once found, () if there are none
+
+
+def _find_openblas():
+    """OpenBLAS's thread-count functions, looked up in the libraries NumPy loaded:
+    scipy-openblas in the wheels (symbols with a scipy_ prefix, 64_ suffix for
+    64-bit integers), a plain libopenblas otherwise."""
+    import ctypes
+    import glob
+    numpy_dir = os.path.dirname(np.__file__)
+    paths = glob.glob(os.path.join(numpy_dir + ".libs", "*openblas*"))       # Linux, Windows wheels
+    paths += glob.glob(os.path.join(numpy_dir, ".dylibs", "*openblas*"))     # macOS wheels
+    try:
+        with open("/proc/self/maps") as maps:                                   # any other Linux build
+            paths += [line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]]
+    except OSError:
+        pass
+    for path in dict.fromkeys(paths):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                set_threads = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
+                get_threads = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
+                if set_threads and get_threads:
+                    return set_threads, get_threads
+    return ()
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for the next arrays instead of giving
+    it back to the operating system (elsewhere this does nothing).  By default every
+    array of more than a few megabytes is mapped fresh and unmapped when freed, so
+    each training step pays again for the page faults and zeroing of its memory.
+    Process-wide, so the engine never calls it: the scripts and the bench do, and a
+    program of your own may."""
+    import ctypes
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1)  # no array gets its own mapping
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and freed memory is not returned
+    except (OSError, AttributeError, TypeError):     # not glibc: no mallopt to call
+        pass
+
+
+# --- work arrays and matrix products ----------------------------------------------------
+
+def scratch(buffers, name, shape, dtype):
+    """An uninitialised work array of this shape, kept in `buffers` from call to call
+    (None: this thread's, for work within one call).  NumPy gets large arrays fresh
+    from the operating system each time, and first touching their pages costs about
+    as much as the copy that fills them."""
+    if buffers is None:
+        buffers = _local.__dict__.setdefault("buffers", {})
+    size = math.prod(shape)
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = buffers[name] = np.empty(size, dtype)
+    return buffer[:size].reshape(shape)
+
+
+def by_images(fn, arrays, image_bytes):
+    """[fn(*slices) for each group of images], slices being consecutive images
+    (axis 0) of the arrays, as many as make CHUNK_BYTES of work at image_bytes each.
+    The groups are dealt out to the cores, each running OpenBLAS on one thread.  The
+    groups do not depend on the number of cores, so neither does any number."""
+    n = len(arrays[0])
+    group = max(1, CHUNK_BYTES // image_bytes)
+    starts = range(0, n, group)
+
+    def run(i, starts):
+        return [fn(*(a[j:j + group] for a in arrays)) for j in starts]
+
+    with one_blas_thread() as held:
+        parallel = held and len(starts) > 1 and not cores_taken()
+        parts = in_parallel(run, [starts], min(CORES, len(starts))) if parallel else [run(0, starts)]
+    return [result for part in parts for result in part]
+
+
+def im2col_rows(fields):
+    """The im2col matrix (rows, K) of a few images' receptive fields view `fields`,
+    copied into this thread's small work array."""
+    cols = scratch(None, "cols", fields.shape, fields.dtype)
+    np.copyto(cols, fields)
+    return cols.reshape(-1, math.prod(fields.shape[-3:]))
+
+
+def im2col_matmul(fields, weights, out):
+    """out = cols @ weights, cols being the im2col matrix of the receptive fields
+    view `fields` (N, ..., K numbers per row), without ever holding all of cols: each
+    core copies the rows of a few images into a small buffer and multiplies it while
+    it is in the core's cache.  out: (N * rows per image, F)."""
+    def multiply(fields, out):
+        np.matmul(im2col_rows(fields), weights, out=out.reshape(-1, weights.shape[1]))
+
+    by_images(multiply, (fields, out.reshape(len(fields), -1)), fields[0].nbytes)
+    return out
+
+
+def im2col_matmul_t(fields, g):
+    """cols^T @ g, summed a few images at a time as in im2col_matmul.
+    g: (N, rows per image, F) -> (K, F)."""
+    def multiply(fields, g):
+        return im2col_rows(fields).T @ g.reshape(-1, g.shape[-1])
+
+    return sum(by_images(multiply, (fields, g), fields[0].nbytes))
+
+
+def im2col_t(x, kh, kw, stride, out, pool=1):
+    """x: (N, C, H, W) -> cols^T: (C*kh*kw, N*Ho*Wo) written into out, the transpose of
+    im2col's matrix built from NCHW memory: each copy moves a run of Wo neighbouring
+    pixels.  pool > 1: columns in pooling-phase order (see pooling_phases)."""
+    cells = windows(x, kh, kw, stride, (2, 3)).transpose(1, 4, 5, 0, 2, 3)  # (C, kh, kw, N, Ho, Wo)
+    if pool > 1:
+        cells = pooling_phases(cells, pool, 4)                     # (C, kh, kw, N, k, k, Ho/k, Wo/k)
+    batch_first = (3, 0, 1, 2) + tuple(range(4, cells.ndim))  # split_batch cuts axis 0
+    split_batch(np.copyto, out.reshape(cells.shape).transpose(batch_first), cells.transpose(batch_first))
+    return out
+
+
+SMALL_MATMUL = 100 ** 3  # multiply-adds up to which OpenBLAS uses its small-matrix kernels
+
+
+def thin_matmul(a, b):
+    """a @ b, on one OpenBLAS thread, for products with one long dimension and two
+    short ones whose product is at most 256, like the first convolution's (9 or 27
+    taps, 4 to 16 channels, N*Ho*Wo pixels).  Above SMALL_MATMUL multiply-adds
+    OpenBLAS leaves its small-matrix kernel for a general one that is several times
+    slower on shapes this thin, so the long dimension is cut into blocks under that
+    size, and a long inner dimension is summed block by block.  Other products go to
+    OpenBLAS whole."""
+    (m, k), n = a.shape, b.shape[1]
+    longest = max(m, k, n)
+    short = m * k * n // longest
+    block = max(1, SMALL_MATMUL // short)
+    with one_blas_thread():
+        if short > 256 or longest <= block:
+            return a @ b
+        if longest == k:                                           # sum over blocks of k
+            out = a[:, :block] @ b[:block]
+            for i in range(block, k, block):
+                out += a[:, i:i + block] @ b[i:i + block]
+            return out
+        out = np.empty((m, n), np.result_type(a, b))
+        for i in range(0, longest, block):
+            rows = slice(i, i + block) if longest == m else slice(None)
+            cols = slice(i, i + block) if longest != m else slice(None)
+            np.matmul(a[rows], b[:, cols], out=out[rows, cols])
+        return out
+
+
+def matmul(a, b):
+    """a @ b on one OpenBLAS thread (see one_blas_thread)."""
+    with one_blas_thread():
+        return a @ b
+
+
+def column_sum(a):
+    """a.sum(axis=0) for a tall matrix a, as the product ones @ a: OpenBLAS sums the
+    rows an order of magnitude faster than NumPy's reduction down axis 0."""
+    with one_blas_thread():
+        return np.ones(a.shape[0], a.dtype) @ a
+
+
+# --- the fast layers ---------------------------------------------------------------------
+
+class FastConv2D(Conv2D):
+    """Conv2D as im2col and a matrix multiply that BLAS runs near the machine's peak,
+    in one of the layouts named at the top of this part, optionally with the max
+    pooling after it (forward(x, pool))."""
+    fast = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.buffers = {}  # im2col matrices reused from call to call, see scratch()
+
+    def layout(self, x):
+        """How this input's im2col matrix is built and multiplied (top of Part II)."""
+        if memory_order(x)[2:] == (2, 3) and self.in_channels < 8:
+            return "channel-major" if self.out_channels < 8 else "rows"
+        return "channels-last"
+
+    def dx_route(self):
+        """How dL/dx is computed (top of Part II): the route that measured faster."""
+        return "sum of taps" if self.in_channels < self.out_channels else "convolution"
+
+    def fuses(self, pool):
+        """Whether forward can run `pool`, a MaxPool2D right after this layer, as part
+        of its own call: a fast pool whose windows do not overlap."""
+        return isinstance(pool, FastMaxPool2D) and pool.stride == pool.k
+
+    def forward(self, x, pool=None):
+        """pool: the MaxPool2D after this layer, run as part of this call where
+        fuses(pool) (FastSequential passes it): the result is then the pooled output,
+        and backward takes the gradient of that."""
+        x = self.check_input(x)
+        if pool is not None and not self.fuses(pool):
+            raise ValueError(f"{self!r} cannot run {pool!r} as part of its forward pass")
+        y = self._forward_fast(x, pool)
+        self.output_shape = y.shape if self.training else None
+        return y
+
+    def _backward(self, grad, input_grad=True):
+        return self._backward_fast(grad, input_grad)
+
+    def _forward_fast(self, x, pool):
+        """With a pool of k x k windows after it, the rows of cols are put in
+        pooling-phase order (see pooling_phases): for each image, first the pixels at
+        offset (0, 0) of their window, then those at (0, 1), and so on.  Each window
+        offset is then one contiguous block of y, and pooling runs over whole blocks.
+        Pixels that no window covers are not computed at all."""
+        W, p = self.params["W"], self.padding
+        n, c, h, w = x.shape
+        ho, wo = self.output_size(h, w)
+        f, k = self.out_channels, 1 if pool is None else pool.k
+        if min(ho, wo) < k:
+            raise ValueError(f"{pool!r}: input {(n, f, ho, wo)} is smaller than the window")
+        pixels = n * k * k * (ho // k) * (wo // k)                 # rows of cols: N*Ho*Wo unpooled
+        buffers = self.buffers if self.training else None          # evaluation keeps no cache
+        layout = self.layout(x)
+        if layout != "channels-last":                              # cols^T: (C*kh*kw, M)
+            cols = scratch(buffers, "cols", (c * self.kh * self.kw, pixels), x.dtype)
+            im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride, out=cols, pool=k)
+            if layout == "channel-major":                          # y: (F, M)
+                y = thin_matmul(W.reshape(f, -1), cols)
+            else:                                                  # y: (M, F)
+                y = thin_matmul(cols.T, W.reshape(f, -1).T)
+        else:  # cols as a view of the padded input, never copied whole (see im2col_matmul)
+            cols = receptive_fields(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, k)  # (N, ..., kh, kw, C)
+            y = np.empty((pixels, f), x.dtype)                     # y: (M, F)
+            im2col_matmul(cols, W.transpose(2, 3, 1, 0).reshape(-1, f), y)
+        if "b" in self.params and layout == "channel-major":
+            split_batch(np.add, y, self.params["b"][:, None], y)
+        elif "b" in self.params:
+            # Image by image, against the biases repeated for each pixel: broadcasting b
+            # alone makes NumPy's inner loop only F numbers long.
+            rows = np.tile(self.params["b"], pixels // n)             # rows: (pixels of an image * F,)
+            split_batch(lambda y: np.add(y, rows, out=y), y.reshape(n, -1))
+        if self.training:
+            self.cache, self.x_shape, self.x_order = (layout, cols), x.shape, memory_order(x)
+            self.pool, self.y_shape = pool, y.shape
+        if pool is not None:
+            order = (1, 0, 2, 3) if layout == "channel-major" else (0, 2, 3, 1)
+            return pool.pool_windows(self._output_windows(y, layout, n, ho, wo, k), order)
+        if layout == "channel-major":
+            return y.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
+        return nchw_view(y.reshape(n, ho, wo, f))
+
+    def _output_windows(self, y, layout, n, ho, wo, k):
+        """The (N, F, Ho/k, Wo/k, k, k) windows view of an output matrix y whose
+        pixels are in pooling-phase order."""
+        hq, wq = ho // k, wo // k
+        if layout == "channel-major":                              # y: (F, N*k*k*Hq*Wq)
+            return y.reshape(self.out_channels, n, k, k, hq, wq).transpose(1, 0, 4, 5, 2, 3)
+        return y.reshape(n, k, k, hq, wq, self.out_channels).transpose(0, 5, 3, 4, 1, 2)
+
+    def _backward_fast(self, grad_out, input_grad):
+        """dW is the forward matrix multiply run backwards, cols^T @ g, and db the
+        column sums of g; dL/dx goes by dx_route().  dL/dx is returned in the memory
+        order of the input."""
+        n, c, h, w = self.x_shape
+        ho, wo = self.output_size(h, w)
+        f, kh, kw = self.out_channels, self.kh, self.kw
+        layout, cols = self.cache                  # cols^T (C*kh*kw, M), or a view (N, ..., kh, kw, C)
+        if self.pool is None:                                      # gm: like y, (F, M) or (M, F)
+            gm = grad_out.transpose(1, 0, 2, 3).reshape(f, -1) if layout == "channel-major" \
+                else nhwc(grad_out).reshape(-1, f)
+        else:                                                      # the pool's backward, into gm
+            k = self.pool.k
+            gm = np.empty(self.y_shape, grad_out.dtype)
+            gm_windows = self._output_windows(gm, layout, n, ho, wo, k)  # (N, F, Ho/k, Wo/k, k, k)
+            self.pool.route(grad_out, gm_windows)
+        if self.trainable:
+            rows = gm.T if layout == "channel-major" else gm        # rows: (M, F)
+            if layout == "channels-last":                          # cols^T @ rows, a few images at a time
+                dW = im2col_matmul_t(cols, rows.reshape(n, -1, f)).reshape(kh, kw, c, f).transpose(3, 2, 0, 1)
+            else:                                                  # cols: (C*kh*kw, M)
+                dW = thin_matmul(cols, rows).T.reshape(f, c, kh, kw)
+            db = column_sum(rows) if "b" in self.params else None
+            self._set_grads(np.ascontiguousarray(dW), db)
+        if not input_grad:
+            return None
+        if self.pool is None:
+            g = nhwc(grad_out)                                     # g: (N, Ho, Wo, F)
+        else:  # back from pooling-phase order to pixels, zeros where no window covered
+            g = (np.empty if (ho % k, wo % k) == (0, 0) else np.zeros)((n, ho, wo, f), gm.dtype)
+            pixels = gm_windows.transpose(0, 2, 3, 1, 4, 5)                # (N, Ho/k, Wo/k, F, k, k)
+            split_batch(np.copyto, windows(g, k, k, k, (1, 2), writeable=True), pixels)
+        dx = self._input_grad_sum(g) if self.dx_route() == "sum of taps" else self._input_grad_conv(g)
+        return in_memory_order(dx, self.x_order)
+
+    def _input_grad_conv(self, g):
+        """dL/dx as a convolution: the output gradient, spread out by the stride (zeros
+        in between) and padded by k - 1, cross-correlated with the kernel flipped in
+        both directions and with in/out channels swapped: im2col and one matrix
+        multiply, as in the forward pass."""
+        W, s, p = self.params["W"], self.stride, self.padding
+        n, c, h, w = self.x_shape
+        f, kh, kw = self.out_channels, self.kh, self.kw
+        ho, wo = g.shape[1:3]
+        hp, wp = h + 2 * p, w + 2 * p
+        spread = np.zeros((n, hp + kh - 1, wp + kw - 1, f), g.dtype)  # spread: (N, Hp+kh-1, Wp+kw-1, F)
+        split_batch(np.copyto, spread[:, kh - 1:kh - 1 + s * (ho - 1) + 1:s, kw - 1:kw - 1 + s * (wo - 1) + 1:s], g)
+        w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
+        # Only the windows of the unpadded pixels: the padding's gradient is not needed.
+        spread = spread[:, p:p + h + kh - 1, p:p + w + kw - 1]
+        dx = np.empty((n, h, w, c), g.dtype)                       # dx: (N, H, W, C)
+        im2col_matmul(receptive_fields(spread, kh, kw, 1), w_flipped, dx.reshape(-1, c))
+        return nchw_view(dx)
+
+    def _input_grad_sum(self, g):
+        """dL/dx straight from the forward sum: input pixel (i*s + u, j*s + v) met
+        kernel offset (u, v) at output pixel (i, j), so dL/dx is the sum over the
+        kh*kw offsets of g @ W[:, :, u, v]^T shifted by (u, v).  One batched matrix
+        multiply makes the kh*kw products, and adding a product onto its shifted
+        slice moves whole image rows at a time.  Its matrix has kh*kw*C columns where
+        the convolution's has kh*kw*F: less to copy when the layer widens.  A few
+        images at a time, as in im2col_matmul."""
+        W, p = self.params["W"], self.padding
+        n, c, h, w = self.x_shape
+        _, ho, wo, f = g.shape                                     # g: (N, Ho, Wo, F)
+        taps = self.kh * self.kw
+        w_taps = W.transpose(2, 3, 0, 1).reshape(taps, f, c)       # (kh*kw, F, C)
+        dxpad = np.empty((n, h + 2 * p, w + 2 * p, c), g.dtype)    # dxpad: (N, H+2p, W+2p, C)
+
+        def add_products(g, dxpad):
+            parts = scratch(None, "grad_parts", (taps, len(g) * ho * wo, c), g.dtype)
+            np.matmul(g.reshape(-1, f), w_taps, out=parts)
+            self._overlap_add(parts.reshape(taps, len(g), ho, wo, c).transpose(1, 0, 2, 3, 4), dxpad)
+
+        by_images(add_products, (g, dxpad), taps * ho * wo * c * g.itemsize)
+        return nchw_view(dxpad[:, p:p + h, p:p + w])
+
+    def _overlap_add(self, parts, dxpad):
+        s, ho, wo = self.stride, *parts.shape[2:4]
+        dxpad.fill(0)
+        for t, (u, v) in enumerate(np.ndindex(self.kh, self.kw)):
+            dxpad[:, u:u + s * ho:s, v:v + s * wo:s] += parts[:, t]
+
+
+class FastMaxPool2D(MaxPool2D):
+    """Max pooling as k*k element-wise operations over whole arrays: the window
+    offsets (u, v) of windows(x) are k*k strided slices of x.  Works in any memory
+    order (NumPy's inner loop runs along the innermost axis) and keeps it."""
+    fast = True
+
+    def _forward(self, x):
+        order = memory_order(x)
+        y = self.pool_windows(windows(x, self.k, self.k, self.stride, (2, 3)), order)
+        if self.training:
+            self.x_shape, self.x_order = x.shape, order
+        return y
+
+    def pool_windows(self, cells, order):
+        """Max over the windows in cells (N, C, Ho, Wo, k, k), [..., u, v] being offset
+        (u, v) of window (i, j): a running maximum over the k*k offsets, where `which`
+        remembers the offset of the first maximum (strict > keeps the earliest), so
+        backward does not search again.  Returns y (N, C, Ho, Wo) in memory order
+        `order`.  FastConv2D calls it with its output's windows when this layer is
+        fused with it."""
+        y = empty_in_order(cells.shape[:4], order, cells.dtype)                 # y: (N, C, Ho, Wo)
+        which = empty_in_order(y.shape, order, np.uint8) if self.training else None  # which: like y
+        split_batch(self._max, cells, y, which)
+        if self.training:
+            self.which = which
+        return y
+
+    def _max(self, cells, y, which):
+        np.copyto(y, cells[..., 0, 0])
+        if which is not None:
+            which.fill(0)
+        for t, (u, v) in enumerate(np.ndindex(self.k, self.k)):
+            if t:
+                candidate = cells[..., u, v]
+                if which is not None:  # which = t where candidate > y, else unchanged (uint8 arithmetic)
+                    which += (candidate > y).view(np.uint8) * (np.uint8(t) - which)
+                np.maximum(y, candidate, out=y)
+
+    def _backward(self, grad_out):
+        """dx in the input's memory order; zeros first only where some pixels are in
+        no window or windows overlap."""
+        (h, w), (ho, wo) = self.x_shape[2:], grad_out.shape[2:]
+        dx = empty_in_order(self.x_shape, self.x_order, grad_out.dtype)  # dx: (N, C, H, W)
+        if self.stride < self.k or (h, w) != (ho * self.k, wo * self.k):
+            split_batch(lambda part: part.fill(0), dx)
+        self.route(grad_out, windows(dx, self.k, self.k, self.stride, (2, 3), writeable=True))
+        return dx
+
+    def route(self, grad_out, cells):
+        """Each window's gradient goes to the offset `which` recorded: one masked
+        product per offset, written straight into cells (N, C, Ho, Wo, k, k), the
+        windows of the input gradient, when windows do not overlap, added when they do."""
+        split_batch(self._route, grad_out, self.which, cells)
+
+    def _route(self, g, which, cells):
+        for t, (u, v) in enumerate(np.ndindex(self.k, self.k)):
+            hit = which == t
+            if self.stride < self.k:
+                cells[..., u, v] += g * hit
+            else:
+                np.multiply(g, hit, out=cells[..., u, v])
+
+
+class FastGlobalMaxPool2D(GlobalMaxPool2D):
+    """The max over the pixels of channels-last memory (free to get from a fast layer)."""
+    fast = True
+
+    def _forward(self, x):
+        xh = nhwc(x)
+        flat = xh.reshape(xh.shape[0], -1, xh.shape[3])            # flat: (N, H*W, C)
+        idx = flat.argmax(axis=1)[:, None, :]                       # idx: (N, 1, C)
+        if self.training:
+            self.idx, self.xh_shape = idx, xh.shape
+        return np.take_along_axis(flat, idx, axis=1)[:, 0, :]
+
+    def _backward(self, grad_out):
+        n, h, w, c = self.xh_shape
+        dflat = np.zeros((n, h * w, c), grad_out.dtype)
+        np.put_along_axis(dflat, self.idx, grad_out[:, None, :], axis=1)
+        return nchw_view(dflat.reshape(n, h, w, c))
+
+
+class FastReLU(ReLU):
+    """ReLU over threads, keeping x's memory layout."""
+    fast = True
+
+    def _forward(self, x):
+        y = np.empty_like(x)
+        split_batch(lambda x, y: np.maximum(x, 0, out=y), x, y)
+        if self.training:
+            self.y = y
+        return y
+
+    def _backward(self, grad_out):
+        dx = np.empty_like(self.y)
+        split_batch(lambda g, y, dx: np.multiply(g, y > 0, out=dx), grad_out, self.y, dx)
+        return dx
+
+
+class FastGELU(GELU):
+    """GELU as a chain of in-place operations on one or two work arrays, over threads:
+    the time goes to memory, not arithmetic, and a fresh temporary array per operator
+    doubles the memory traffic."""
+    fast = True
+
+    def _forward(self, x):
+        t, y = np.empty_like(x), np.empty_like(x)  # same memory layout as x
+        split_batch(self._forward_chain, x, t, y)
+        if self.training:
+            self.x, self.t = x, t
+        return y
+
+    @classmethod
+    def _forward_chain(cls, x, t, y):
+        np.multiply(x, x, out=t)      # t = tanh(C * x * (1 + A x^2)), built in place
+        t *= cls.C * cls.A            # (x * x * x: float32 ** is much slower)
+        t += cls.C
+        t *= x
+        np.tanh(t, out=t)
+        np.add(t, 1, out=y)
+        y *= x
+        y *= 0.5
+
+    def _backward(self, grad_out):
+        d = np.empty_like(self.x)
+        split_batch(self._backward_chain, self.x, self.t, grad_out, d)
+        return d
+
+    @classmethod
+    def _backward_chain(cls, x, t, g, d):
+        # dy/dx = (1 + t)/2 + x/2 * (1 - t^2) * du/dx, with du/dx = C * (1 + 3A x^2)
+        np.multiply(x, x, out=d)
+        d *= 3 * cls.C * cls.A
+        d += cls.C
+        d *= x
+        one_minus_t2 = t * t
+        np.subtract(1, one_minus_t2, out=one_minus_t2)
+        d *= one_minus_t2
+        d += t
+        d += 1
+        d *= 0.5
+        d *= g
+
+
+class FastFlatten(Flatten):
+    """Flatten whose gradient comes back in the input's memory order."""
+    fast = True
+
+    def _forward(self, x):
+        self.x_shape, self.x_order = x.shape, memory_order(x)
+        return x.reshape(x.shape[0], -1)
+
+    def _backward(self, grad_out):
+        return in_memory_order(grad_out.reshape(self.x_shape), self.x_order)
+
+
+class FastDense(Dense):
+    """Dense with its products on one OpenBLAS thread and the bias gradient by BLAS."""
+    fast = True
+
+    def _forward(self, x):
+        if self.training:
+            self.x = x
+        y = matmul(x, self.params["W"])                            # y: (N, out)
+        return y + self.params["b"] if "b" in self.params else y
+
+    def _backward(self, grad_out):
+        self.grads["W"] = matmul(self.x.T, grad_out)
+        if "b" in self.params:
+            self.grads["b"] = column_sum(grad_out)
+        return matmul(grad_out, self.params["W"].T)
+
+
+class FastBatchNorm2D(BatchNorm2D):
+    """BatchNorm over channels-last rows (N*H*W, C): sums as BLAS products and einsum,
+    the element-wise passes in place and over threads."""
+    fast = True
+
+    def _forward(self, x):
+        xh = nhwc(x)
+        rows = xh.reshape(-1, self.channels)                       # rows: (N*H*W, C)
+        count = rows.shape[0]
+        mean = column_sum(rows) / count if self.training else self.running_mean
+        centred = np.empty_like(rows)                              # centred: (N*H*W, C), x - mean
+        split_batch(lambda rows, centred: np.subtract(rows, mean, out=centred), rows, centred)
+        if self.training:
+            var = np.einsum("ij,ij->j", centred, centred) / count
+            self.update_running_stats(mean, var, count)
+        else:
+            var = self.running_var
+        inv_std = (1.0 / np.sqrt(var + self.eps)).astype(centred.dtype)
+        gamma, beta = self.params.get("gamma"), self.params["beta"]
+        y = np.empty_like(centred)                                 # y: (N*H*W, C)
+
+        def normalize(xhat, y):  # centred becomes xhat, in place
+            xhat *= inv_std
+            if gamma is None:
+                np.add(xhat, beta, out=y)
+            else:
+                np.multiply(xhat, gamma, out=y)
+                y += beta
+        split_batch(normalize, centred, y)
+        if self.training:
+            self.xhat, self.inv_std = centred, inv_std
+        return nchw_view(y.reshape(xh.shape))
+
+    def _backward(self, grad_out):
+        g = nhwc(grad_out)
+        shape = g.shape
+        g = g.reshape(-1, self.channels)                           # g: (N*H*W, C)
+        xhat, count = self.xhat, g.shape[0]
+        self.grads["beta"] = g_sum = column_sum(g)
+        g_xhat = np.einsum("ij,ij->j", g, xhat)
+        scale = self.inv_std
+        if "gamma" in self.params:
+            self.grads["gamma"] = g_xhat
+            scale = scale * self.params["gamma"]
+        # Part I's formula, dx = gamma / sigma * (g - mean(g) - xhat * mean(g * xhat)):
+        coef, shift = -g_xhat / count, g_sum / count
+        dx = np.empty_like(xhat)                                   # dx: (N*H*W, C)
+
+        def combine(xhat, g, dx):
+            np.multiply(xhat, coef, out=dx)
+            dx += g
+            dx -= shift
+            dx *= scale
+        split_batch(combine, xhat, g, dx)
+        return nchw_view(dx.reshape(shape))
+
+
+# --- the fast model, and the batch split over the cores -----------------------------------
+
+class FastSequential(Sequential):
+    """Sequential in which a fast Conv2D directly followed by a MaxPool2D it fuses with
+    runs the pooling as part of its own forward and backward (the same numbers), and
+    whose predict splits each batch over the cores."""
+    fast = True
+
+    def fused_pools(self):
+        """{i: the MaxPool2D at i + 1} for each Conv2D at i that runs it."""
+        return {i: pool for i, (conv, pool) in enumerate(zip(self.layers, self.layers[1:]))
+                if isinstance(conv, FastConv2D) and conv.fuses(pool)}
+
+    def forward(self, x):
+        pools = self.fused_pools()
+        for i, layer in enumerate(self.layers):
+            if i in pools:
+                x = layer.forward(x, pool=pools[i])
+            elif i - 1 not in pools:  # else it ran with the convolution before it
+                x = layer.forward(x)
+        return x
+
+    def backward(self, grad, input_grad=False):
+        first = self.first_trained()
+        stop = 0 if input_grad or first is None else first
+        pools = self.fused_pools()
+        for i in range(len(self.layers) - 1, stop, -1):
+            if i - 1 not in pools:  # a fused pool's backward runs in its convolution's
+                grad = self.layers[i].backward(grad)
+        last = self.layers[stop]
+        return last.backward(grad, input_grad=input_grad) if isinstance(last, Conv2D) else last.backward(grad)
+
+    def predict(self, x, batch_size=EVAL_BATCH):
+        """Logits for x in evaluation mode, batch by batch, each batch split over the
+        cores (split_model)."""
+        with self.evaluating():
+            return np.concatenate([np.concatenate(split_model(self, FastSequential.forward, x[i:i + batch_size]))
+                                   for i in range(0, len(x), batch_size)])
+
+
+def twin_of(model, slot):
+    """A copy of model that another thread can run at the same time: the same
+    parameter arrays, its own gradients, caches and work arrays (slot: which)."""
+    layers = []
+    for layer in model.layers:
+        twin = copy.copy(layer)
+        twin.grads = {}
+        if isinstance(layer, FastConv2D):
+            twin.buffers = layer.buffers.setdefault(("twin", slot), {})
+        layers.append(twin)
+    return Sequential(*layers)
+
+
+def split_model(model, fn, *arrays):
+    """[fn(net, *slices)] for CORES slices of the batch (axis 0 of the arrays), all at
+    once, each run by its own net in its own thread with OpenBLAS on one thread: the
+    model itself on the first slice, twins of it (twin_of) on the others.  With a few
+    dozen channels a layer is too little work to split each call over the cores,
+    but the whole network on each slice is not.  fn runs once on the whole batch on
+    one core, for one image, or where OpenBLAS's thread count cannot be set."""
+    parts = min(CORES, len(arrays[0]))
+    with one_blas_thread() as held:
+        if parts < 2 or not held or cores_taken():
+            return [fn(model, *arrays)]
+        nets = [model] + [twin_of(model, i) for i in range(1, parts)]
+        with own_core():
+            return in_parallel(lambda i, *part: fn(nets[i], *part), arrays, parts)
+
+
+def needs_whole_batch(model):
+    """True for a model with batch statistics (BatchNorm): they must come from the
+    whole batch, so its training steps are not split."""
+    return any(layer.buffer_names for layer in model.layers)
+
+
+def slice_gradient(net, loss_fn, x, y, batch_size):
+    """Forward, loss and backward on a slice (x, y) of a batch of batch_size images:
+    returns (summed loss, logits) and leaves the slice's part of the batch's
+    gradient in net's layers.  The loss gradient is weighted by the slice's share
+    of the batch, so that the slices' gradients add up to the batch's."""
+    logits = net.forward(x)
+    loss = loss_fn.forward(logits, y)
+    grad = loss_fn.backward()
+    if len(y) < batch_size:
+        grad = grad * grad.dtype.type(len(y) / batch_size)
+    net.backward(grad)
+    return loss * len(y), logits
+
+
+def train_step(model, loss_fn, x, y, twin=None, meanwhile=None):
+    """Forward, loss and backward on one batch: returns (mean loss, logits) and
+    leaves the whole batch's gradients (up to float32 rounding) in the model's layers.
+
+    A model without batch statistics runs on slices of the batch at once: half in
+    a TwinProcess if one is given, else one slice per thread (split_model), the
+    twins' gradients added to the model's.  A model with BatchNorm runs whole.
+    meanwhile: a function to call once this process's part is done, while the twin
+    finishes its half (train_epoch prepares the next batch in it)."""
+    if needs_whole_batch(model):
+        results = [slice_gradient(model, loss_fn, x, y, len(y))]
+    elif twin is not None and twin.fits(x):
+        return twin.step(x, y, meanwhile)
+    else:
+        def run(net, x_part, y_part):
+            criterion = loss_fn if net is model else copy.copy(loss_fn)
+            return slice_gradient(net, criterion, x_part, y_part, len(y)) + (net,)
+        results = split_model(model, run, x, y)
+        for _, _, net in results[1:]:
+            for mine, its in zip(model.layers, net.layers):
+                for key in mine.grads:
+                    mine.grads[key] += its.grads[key]
+    if meanwhile is not None:
+        meanwhile()
+    return mean_loss_and_logits(results, len(y))
+
+
+def mean_loss_and_logits(results, batch_size):
+    """[(summed loss, logits)] of a batch's slices -> (mean loss, logits)."""
+    return sum(r[0] for r in results) / batch_size, np.concatenate([r[1] for r in results])
+
+
+def shared_array(shape, dtype):
+    """A zeroed array in memory that processes forked after its creation share
+    with this one (an anonymous shared memory map)."""
+    dtype, size = np.dtype(dtype), math.prod(shape)
+    return np.frombuffer(mmap.mmap(-1, max(1, size * dtype.itemsize)), dtype, size).reshape(shape)
+
+
+class TwinProcess:
+    """A forked copy of this process that computes the gradient of the second half
+    of each training batch while this process computes the first half.
+
+    Threads share one GIL: the Python between NumPy's loops runs one thread at a
+    time.  A process has a GIL of its own.  Forked at the first step, the twin holds
+    a copy of the model as it was then.  At each step it gets the current weights
+    and its half of the batch through shared memory, runs slice_gradient on its copy,
+    and hands back its gradients, summed loss and logits the same way; the pipe only
+    carries "go" and "done".  The numbers are split_model's on two cores, bit for
+    bit.  Only Linux has a fork that is safe in a process with threads.  Only
+    train_epoch (Part III) starts one, for one epoch at a time: change the layers
+    (not just the weights) only between epochs."""
+
+    @staticmethod
+    def usable(model):
+        return (sys.platform.startswith("linux") and CORES > 1 and blas_threads(None) is not None
+                and not needs_whole_batch(model))
+
+    def __init__(self, model, loss_fn):
+        self.model, self.loss_fn, self.process = model, loss_fn, None
+        self.weights = [(layer, key) for layer in model.layers for key in layer.params]
+        self.trained = [(layer, key) for _, layer, key in model.parameters()]
+
+    def fits(self, x):
+        return self.process is None or len(x) - len(x) // 2 <= len(self.x)
+
+    def _start(self, x, y):
+        rows = len(x) - len(x) // 2                                # the twin's half of a full batch
+        logits = self.model.predict(x[:1])                         # for the shape of the output
+        self.x, self.y = shared_array((rows,) + x.shape[1:], x.dtype), shared_array((rows,), y.dtype)
+        self.logits = shared_array((rows,) + logits.shape[1:], logits.dtype)
+        self.numbers = shared_array((3,), np.float64)             # batch size, rows, summed loss
+        self.shared_weights = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.weights]
+        self.shared_grads = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.trained]
+        self.pipe, twin_end = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("fork").Process(
+            target=self._serve, args=(twin_end,), daemon=True)
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork in a process with threads.  Ours hold no
+            # lock while idle, and the twin starts none.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.process.start()
+        twin_end.close()
+
+    def step(self, x, y, meanwhile=None):
+        """(mean loss, logits) of the batch, computed half here and half in the
+        twin; the model's gradients are the whole batch's afterwards.  meanwhile()
+        runs once this half is done, while the twin (which started later) finishes."""
+        if self.process is None:
+            self._start(x, y)
+        n, half = len(x), len(x) // 2
+        for (layer, key), shared in zip(self.weights, self.shared_weights):
+            np.copyto(shared, layer.params[key])
+        self.x[:n - half], self.y[:n - half] = x[half:], y[half:]
+        self.numbers[:2] = n, n - half
+        try:
+            self.pipe.send_bytes(b"go")
+        except OSError:
+            self._died()
+        try:
+            with one_blas_thread(), own_core():
+                mine = slice_gradient(self.model, self.loss_fn, x[:half], y[:half], n)
+            if meanwhile is not None:
+                meanwhile()
+        finally:  # even if this half failed: the next step must not read this step's answer
+            try:
+                error = self.pipe.recv_bytes()
+            except EOFError:
+                self._died()
+        if error:
+            raise RuntimeError(f"the twin training process failed: {error.decode()}")
+        for (layer, key), shared in zip(self.trained, self.shared_grads):
+            layer.grads[key] += shared
+        return mean_loss_and_logits([mine, (self.numbers[2], self.logits[:n - half])], n)
+
+    def _died(self):
+        self.process.join(1)
+        raise RuntimeError(f"the twin training process died (exit code {self.process.exitcode})") from None
+
+    def _serve(self, pipe):
+        """The twin's loop, until the pipe closes.  Ctrl-C is the parent's to handle."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.pipe.close()    # the parent's end: the pipe must close when the parent closes it
+        _local.cores_taken = True
+        blas_threads(1)
+        for (layer, key), shared in zip(self.weights, self.shared_weights):
+            layer.params[key] = shared
+        while True:
+            try:
+                pipe.recv_bytes()
+            except EOFError:
+                return
+            n, rows = int(self.numbers[0]), int(self.numbers[1])
+            error = b""
+            try:
+                self.numbers[2], self.logits[:rows] = slice_gradient(
+                    self.model, self.loss_fn, self.x[:rows], self.y[:rows], n)
+                for (layer, key), shared in zip(self.trained, self.shared_grads):
+                    np.copyto(shared, layer.grads[key])
+            except Exception as exception:
+                error = f"{type(exception).__name__}: {exception}".encode()
+            try:
+                pipe.send_bytes(error)
+            except OSError:  # the parent closed the pipe
+                return
+
+    def close(self):
+        if self.process is not None:
+            self.pipe.close()
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.terminate()
+            self.process = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def where_usable(cls, model, loss_fn):
+        """A TwinProcess for the block if one can run here for this model (usable),
+        else None; closed when the block ends, however it ends."""
+        twin = cls(model, loss_fn) if cls.usable(model) else None
+        try:
+            yield twin
+        finally:
+            if twin is not None:
+                twin.close()
+
+
+# ======================================================================================
+# Part III, running it: data, training, metrics, drawing, command line, bench
 # ======================================================================================
 
-
-class DataError(ValueError):
-    """Anything wrong with a data file; the message names the file and the problem."""
-
+# --- data: readers and a checked downloader ---------------------------------------------
 
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -1543,6 +2194,9 @@ def load_mnist(folder, split="train"):
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: expected 28 x 28 images (MNIST format), got "
+                        f"{images.shape[1]} x {images.shape[2]}")
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected labels (N,), got shape {labels.shape}")
     if len(images) != len(labels):
@@ -1797,7 +2451,9 @@ def locate_dataset(name, data_dir=None):
     return fetch_dataset(name, os.path.join("data", name))
 
 
-# --- streaming mini-batches -----------------------------------------------------------
+
+# --- mini-batches with augmentation -----------------------------------------------------
+
 
 
 def channel_stats(images, chunk=5000):
@@ -1844,11 +2500,17 @@ def pad_images(batch, pad, mode="reflect"):
 
 
 def random_crop(batch, pad, rng, mode="reflect"):
-    """Pad (reflect or zero) by `pad` pixels and cut a random H x W window per image;
+    """Pad (reflect or zero) by `pad` pixels and cut a random H x W window per image."""
+    n = len(batch)
+    dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+    return crop_at(batch, pad, dy, dx, mode)
+
+
+def crop_at(batch, pad, dy, dx, mode="reflect"):
+    """Pad by `pad` pixels and cut, from image k, the H x W window at (dy[k], dx[k]);
     vectorized: all windows are views of the padded batch, one fancy index picks them."""
     n, c, h, w = batch.shape
-    crops = windows(pad_images(batch, pad, mode), h, w, 1, (2, 3))  # (B, C, 2p+1, 2p+1, H, W)
-    dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+    crops = windows(pad_images(batch, pad, mode), h, w, 1, (2, 3))  # crops: (B, C, 2p+1, 2p+1, H, W)
     return crops[np.arange(n), :, dy, dx]
 
 
@@ -1860,38 +2522,40 @@ def flip_some(batch, flip):
 
 
 def iterate_batches(images, labels, batch_size, mean, std, *, shuffle=True, seed=0, epoch=0,
-                    crop=0, pad_mode="reflect", flip=None, drop_last=False):
-    """Yield (x float32 (B, C, H, W), y (B,)) over one epoch.
+                    crop=0, pad_mode="reflect", flip=None, drop_last=False, start=0):
+    """Yield (x float32 (B, C, H, W), y int64 (B,)) over one epoch, from batch `start` on.
 
-    The order is a fresh permutation for each (seed, epoch), so a resumed run sees the
-    same batches.  Only one batch is converted to float32 at a time.  Augmentation:
-    crop > 0 pads by crop pixels and crops back at random; flip "random" mirrors half
-    the images, flip "alternate" mirrors each image on every other epoch (a random
-    half on even epochs, the other half on odd ones)."""
+    Everything random comes from a generator seeded with (seed, epoch): the order, a
+    fresh permutation for each epoch, and the augmentation.  The batches before
+    `start` draw their random numbers too, without being made, so a run resumed in
+    the middle of an epoch sees exactly the batches it would have seen.  Only one
+    batch is converted to float32 at a time.  Augmentation: crop > 0 pads by crop
+    pixels and crops back at random; flip "random" mirrors half the images, flip
+    "alternate" mirrors each image on every other epoch (a random half on even
+    epochs, the other half on odd ones)."""
     n = len(images)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n) if shuffle else np.arange(n)
     if flip == "alternate":
         flip_mask = (np.random.default_rng([seed, 7919]).random(n) < 0.5) ^ bool(epoch % 2)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        sorted_idx = np.sort(idx)  # memory-mapped reads go faster in file order
-        batch = np.asarray(images[sorted_idx])
-        idx = sorted_idx
+    for number, begin in enumerate(range(0, stop, batch_size)):
+        idx = np.sort(order[begin:begin + batch_size])  # memory-mapped reads go faster in file order
         if crop:
-            batch = random_crop(batch, crop, rng, pad_mode)
-        if flip == "random":
-            batch = flip_some(batch, rng.random(len(idx)) < 0.5)
-        elif flip == "alternate":
-            batch = flip_some(batch, flip_mask[idx])
+            dy, dx = rng.integers(0, 2 * crop + 1, len(idx)), rng.integers(0, 2 * crop + 1, len(idx))
+        flips = rng.random(len(idx)) < 0.5 if flip == "random" else \
+            flip_mask[idx] if flip == "alternate" else None
+        if number < start:
+            continue
+        batch = np.asarray(images[idx])
+        if crop:
+            batch = crop_at(batch, crop, dy, dx, pad_mode)
+        if flips is not None:
+            batch = flip_some(batch, flips)
         yield normalize(batch, mean, std), np.asarray(labels[idx]).astype(np.int64)
 
 
-# ======================================================================================
-# 6. Training
-# ======================================================================================
-
+# --- training ----------------------------------------------------------------------------
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -1941,9 +2605,9 @@ class Progress:
     """On a terminal, one line per epoch rewritten in place (images done, images/s,
     running loss, time left); otherwise nothing until the epoch's summary line."""
 
-    def __init__(self, epoch, epochs, total, stream=sys.stderr):
+    def __init__(self, epoch, epochs, total, done=0, stream=sys.stderr):
         self.epoch, self.epochs, self.total, self.stream = epoch, epochs, total, stream
-        self.tty = stream.isatty()
+        self.tty, self.first = stream.isatty(), done
         self.start = self.last = time.time()
 
     def update(self, done, loss):
@@ -1951,7 +2615,7 @@ class Progress:
         if not self.tty or (now - self.last < 0.2 and done < self.total):
             return
         self.last = now
-        rate = done / max(now - self.start, 1e-9)
+        rate = (done - self.first) / max(now - self.start, 1e-9)
         width = 24
         filled = int(width * done / self.total)
         bar = "#" * filled + "." * (width - filled)
@@ -1964,213 +2628,41 @@ class Progress:
             print("\r" + " " * 100 + "\r", end="", file=self.stream, flush=True)
 
 
-def needs_whole_batch(model):
-    """True for a model with batch statistics (BatchNorm): they must come from the
-    whole batch, so its training steps are not split."""
-    return any(layer.buffer_names for layer in model.layers)
+class StopRequest:
+    """Within the block, Ctrl-C asks the training loop to stop after the current step
+    (requested becomes True), so that a checkpoint always holds whole steps.  A
+    second Ctrl-C stops at once.  Signals reach only the main thread: in another
+    thread the block changes nothing."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
-def slice_gradient(net, loss_fn, x, y, batch_size):
-    """Forward, loss and backward on a slice (x, y) of a batch of batch_size images:
-    returns (summed loss, logits) and leaves the slice's part of the batch's
-    gradient in net's layers.  The loss gradient is weighted by the slice's share
-    of the batch, so that the slices' gradients add up to the batch's."""
-    logits = net.forward(x)
-    loss = loss_fn.forward(logits, y)
-    grad = loss_fn.backward()
-    if len(y) < batch_size:
-        grad = grad * grad.dtype.type(len(y) / batch_size)
-    net.backward(grad)
-    return loss * len(y), logits
+def new_position(epoch=0):
+    """Where training stands: the epoch, the batches done in it, and its running sums."""
+    return dict(epoch=epoch, batch=0, loss_sum=0.0, correct=0, seen=0, seconds=0.0)
 
 
-def train_step(model, loss_fn, x, y, twin=None, meanwhile=None):
-    """Forward, loss and backward on one batch: returns (mean loss, logits) and
-    leaves the gradients in the model's layers.
-
-    A model without batch statistics runs on slices of the batch at once: half
-    in a TwinProcess if one is given, else one slice per thread (split_model),
-    the twins' gradients added to the model's.  Either way the result is the
-    whole batch's gradient up to float32 rounding.  BatchNorm's statistics need
-    the whole batch, so a model with BatchNorm runs in one piece.
-    meanwhile: a function to call once this process's part is done, while the
-    twin finishes its half (train_epoch prepares the next batch in it)."""
-    if needs_whole_batch(model):
-        results = [slice_gradient(model, loss_fn, x, y, len(y))]
-    elif twin is not None and twin.fits(x):
-        return twin.step(x, y, meanwhile)
-    else:
-        def run(net, x_part, y_part):
-            criterion = loss_fn if net is model else copy.copy(loss_fn)
-            return slice_gradient(net, criterion, x_part, y_part, len(y)) + (net,)
-        results = split_model(model, run, x, y)
-        for _, _, net in results[1:]:
-            for mine, its in zip(model.layers, net.layers):
-                for key in mine.grads:
-                    mine.grads[key] += its.grads[key]
-    if meanwhile is not None:
-        meanwhile()
-    return mean_loss_and_logits(results, len(y))
-
-
-def mean_loss_and_logits(results, batch_size):
-    """[(summed loss, logits)] of a batch's slices -> (mean loss, logits)."""
-    return sum(r[0] for r in results) / batch_size, np.concatenate([r[1] for r in results])
-
-
-def shared_array(shape, dtype):
-    """A zeroed array in memory that processes forked after its creation share
-    with this one (an anonymous shared memory map)."""
-    dtype, size = np.dtype(dtype), math.prod(shape)
-    return np.frombuffer(mmap.mmap(-1, max(1, size * dtype.itemsize)), dtype, size).reshape(shape)
-
-
-class TwinProcess:
-    """A forked copy of this process that computes the gradient of the second half
-    of each training batch while this process computes the first half.
-
-    split_model runs the halves in two threads, but only NumPy's loops run
-    outside the GIL: the Python between them, 0.5 to 2 ms per step for networks 1
-    to 3, runs one thread at a time, and each hand-over of the GIL wakes the
-    other thread.  A process has a GIL of its own.  Training step of 64 images
-    here (forward, backward, SGD; min of 5 x 100 steps, two runs), threads ->
-    processes: network 1 3.1 -> 2.0-2.2 ms, Fashion 3.9-4.2 -> 3.1-3.2, network 2
-    7.9-8.2 -> 6.2-6.5, network 3 12.1-12.7 -> 10.8-11.3.
-
-    Forked at the first step, the twin holds a copy of the model as it was then.
-    At each step it gets the current weights (whatever the optimizer did to
-    them) and its half of the batch through shared memory, runs slice_gradient
-    on its copy of the model, and hands back its gradients the same way; they are
-    added to the model's.  The numbers are those of split_model on two cores, bit
-    for bit.
-    Only Linux has a fork that is safe in a process with threads; train_epoch
-    starts a twin for each epoch, so change the layers (not just the weights)
-    only between epochs."""
-
-    @staticmethod
-    def usable(model):
-        return (sys.platform.startswith("linux") and CORES > 1 and blas_threads(None) is not None
-                and not needs_whole_batch(model))
-
-    def __init__(self, model, loss_fn):
-        self.model, self.loss_fn, self.process = model, loss_fn, None
-        self.weights = [(layer, key) for layer in model.layers for key in layer.params]
-        self.trained = [(layer, key) for _, layer, key in model.parameters()]
-
-    def fits(self, x):
-        return self.process is None or len(x) - len(x) // 2 <= len(self.x)
-
-    def _start(self, x, y):
-        rows = len(x) - len(x) // 2                                # the twin's half of a full batch
-        logits = self.model.predict(x[:1])                         # for the shape of the output
-        self.x, self.y = shared_array((rows,) + x.shape[1:], x.dtype), shared_array((rows,), y.dtype)
-        self.logits = shared_array((rows,) + logits.shape[1:], logits.dtype)
-        self.numbers = shared_array((3,), np.float64)             # batch size, rows, summed loss
-        self.shared_weights = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.weights]
-        self.shared_grads = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.trained]
-        self.pipe, twin_end = multiprocessing.Pipe()
-        self.process = multiprocessing.get_context("fork").Process(
-            target=self._serve, args=(twin_end,), daemon=True)
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork in a process with threads.  Ours (split_batch's
-            # helpers, OpenBLAS's) hold no lock while idle, and the twin starts none.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.process.start()
-        twin_end.close()
-
-    def step(self, x, y, meanwhile=None):
-        """(mean loss, logits) of the batch, computed half here and half in the
-        twin; the model's gradients are the whole batch's afterwards.  meanwhile()
-        runs once this half is done, while the twin finishes its own: the twin
-        started later, so this process would otherwise wait for it (0.4-0.7 ms of
-        a network 3 step of 11 ms, about what preparing the next batch takes).
-        Everything goes through shared memory; the pipe only carries "go" and
-        "done" (empty) or an error message, and its reads and writes order the
-        memory accesses around them."""
-        if self.process is None:
-            self._start(x, y)
-        n, half = len(x), len(x) // 2
-        for (layer, key), shared in zip(self.weights, self.shared_weights):
-            np.copyto(shared, layer.params[key])
-        self.x[:n - half], self.y[:n - half] = x[half:], y[half:]
-        self.numbers[:2] = n, n - half
-        try:
-            self.pipe.send_bytes(b"go")
-        except OSError:
-            self._died()
-        try:
-            with one_core_each():
-                mine = slice_gradient(self.model, self.loss_fn, x[:half], y[:half], n)
-            if meanwhile is not None:
-                meanwhile()
-        finally:  # even if this half failed: the next step must not read this step's answer
-            try:
-                error = self.pipe.recv_bytes()
-            except EOFError:
-                self._died()
-        if error:
-            raise RuntimeError(f"the twin training process failed: {error.decode()}")
-        for (layer, key), shared in zip(self.trained, self.shared_grads):
-            layer.grads[key] += shared
-        return mean_loss_and_logits([mine, (self.numbers[2], self.logits[:n - half])], n)
-
-    def _died(self):
-        self.process.join(1)
-        raise RuntimeError(f"the twin training process died (exit code {self.process.exitcode})") from None
-
-    def _serve(self, pipe):
-        """The twin's loop, until the pipe closes.  Ctrl-C is the parent's to handle."""
-        global _cores_taken
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.pipe.close()    # the parent's end: the pipe must close when the parent closes it
-        _cores_taken = True  # its helper threads did not survive the fork
-        blas_threads(1)
-        for (layer, key), shared in zip(self.weights, self.shared_weights):
-            layer.params[key] = shared
-        while True:
-            try:
-                pipe.recv_bytes()
-            except EOFError:
-                return
-            n, rows = int(self.numbers[0]), int(self.numbers[1])
-            error = b""
-            try:
-                self.numbers[2], self.logits[:rows] = slice_gradient(
-                    self.model, self.loss_fn, self.x[:rows], self.y[:rows], n)
-                for (layer, key), shared in zip(self.trained, self.shared_grads):
-                    np.copyto(shared, layer.grads[key])
-            except Exception as exception:
-                error = f"{type(exception).__name__}: {exception}".encode()
-            try:
-                pipe.send_bytes(error)
-            except OSError:  # the parent closed the pipe
-                return
-
-    def close(self):
-        if self.process is not None:
-            self.pipe.close()
-            self.process.join(5)
-            if self.process.is_alive():
-                self.process.terminate()
-            self.process = None
-
-    @classmethod
-    @contextlib.contextmanager
-    def where_usable(cls, model, loss_fn):
-        """A TwinProcess for the block if one can run here for this model (usable),
-        else None; closed when the block ends, however it ends."""
-        twin = cls(model, loss_fn) if cls.usable(model) else None
-        try:
-            yield twin
-        finally:
-            if twin is not None:
-                twin.close()
-
-
-def train_epoch(model, loss_fn, optimizer, schedule, batches, step, progress):
-    """One pass over `batches`; returns (mean loss, accuracy, next step number)."""
+def train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoch, progress, stop=None):
+    """Train on `batches`, the rest of epoch at["epoch"] from batch at["batch"],
+    updating the position `at` after every step.  Returns True at the end of the
+    epoch, False where stop.requested ended it early (after a whole step).  On Linux
+    a TwinProcess computes half of every step, see train_step."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
     batches, upcoming = iter(batches), None
 
     def prepare_next():  # while the twin finishes the current step, see TwinProcess.step
@@ -2181,91 +2673,102 @@ def train_epoch(model, loss_fn, optimizer, schedule, batches, step, progress):
     with TwinProcess.where_usable(model, loss_fn) as twin:
         while upcoming is not None:
             x, y = upcoming
+            step = at["epoch"] * steps_per_epoch + at["batch"]
             optimizer.lr = schedule(step)
             loss, logits = train_step(model, loss_fn, x, y, twin, meanwhile=prepare_next)
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"the loss became {loss} at step {step}")
             optimizer.step()
-            step += 1
-            total_loss += loss * len(y)
-            correct += int((logits.argmax(axis=1) == y).sum())
-            seen += len(y)
-            progress.update(seen, total_loss / seen)
+            at["batch"] += 1
+            at["loss_sum"] += loss * len(y)
+            at["correct"] += int((logits.argmax(axis=1) == y).sum())
+            at["seen"] += len(y)
+            progress.update(at["seen"], at["loss_sum"] / at["seen"])
+            if stop is not None and stop.requested and upcoming is not None:
+                progress.close()
+                return False
     progress.close()
-    return total_loss / seen, correct / seen, step
+    return True
 
 
 def save_checkpoint(path, model, optimizer, meta):
+    """Model, optimizer state and metadata (JSON) in one .npz, renamed into place."""
     extra = {"optimizer/" + k: v for k, v in optimizer.state.items()}
     extra["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     model.save(path, extra)
 
 
 def load_checkpoint(path, model, optimizer=None):
-    """Load a checkpoint written by save_checkpoint; returns its metadata."""
+    """Load a checkpoint written by save_checkpoint into model (and optimizer);
+    returns its metadata.  A DataError names the file and what is wrong with it."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no checkpoint here (train first, or check --out)")
     extra = model.load(path)
-    if optimizer is not None:
-        for key, value in optimizer.state.items():
-            stored = extra.get("optimizer/" + key)
-            if stored is None or stored.shape != value.shape:
-                raise DataError(f"{path}: optimizer state {key} missing or of the wrong shape")
-            value[...] = stored
-    meta = json.loads(bytes(extra["meta"]).decode()) if "meta" in extra else {}
-    if optimizer is not None and hasattr(optimizer, "t"):
-        optimizer.t = meta.get("optimizer_t", 0)
+    try:
+        meta = json.loads(bytes(extra["meta"]).decode())
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{path}: damaged checkpoint (no readable metadata: {type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: damaged checkpoint (metadata is not a record)")
+    for key, value in (optimizer.state.items() if optimizer is not None else ()):
+        stored = extra.get("optimizer/" + key)
+        if stored is None or stored.shape != value.shape:
+            raise DataError(f"{path}: optimizer state {key} missing or of the wrong shape "
+                            f"(saved with another optimizer?)")
+        value[...] = stored
     return meta
 
 
 def fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std, *, epochs,
-        batch_size, seed=0, augment=None, checkpoint=None, meta=None, start_epoch=0,
+        batch_size, seed=0, augment=None, checkpoint=None, meta=None, position=None,
         history=None, log=print):
     """The training loop: for each epoch, shuffle, train, measure on the validation
-    set, log one line and save a checkpoint (weights, optimizer state, history).
+    set, log one line and save a checkpoint (weights, optimizer state, history and
+    position, see new_position).
 
-    Stops with TrainingDiverged if the loss stops being finite (the last checkpoint
-    is kept).  On Ctrl-C the current weights are saved and KeyboardInterrupt is
-    raised again; --resume then repeats the interrupted epoch."""
+    Ctrl-C stops after the current step, saves the checkpoint at that exact position
+    and raises KeyboardInterrupt; fit(..., position=, history=) with what
+    load_checkpoint returned then goes on with the numbers of a run that was never
+    interrupted.  A run killed outright resumes the same way from its last
+    checkpoint (the end of the last whole epoch).  Stops with TrainingDiverged if
+    the loss stops being finite (the last checkpoint is kept)."""
     history = list(history or [])
     (x_train, y_train), (x_val, y_val) = train_set, val_set
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
-    step = start_epoch * steps_per_epoch
+    at = dict(new_position(), **(position or {}))
     meta = dict(meta or {})
 
-    def save(epochs_done):
+    def save():
         if checkpoint:
-            meta.update(epoch=epochs_done, history=history, optimizer_t=getattr(optimizer, "t", 0))
+            meta.update(position=at, history=history)
             save_checkpoint(checkpoint, model, optimizer, meta)
 
-    for epoch in range(start_epoch, epochs):
-        start = time.time()
-        batches = iterate_batches(x_train, y_train, batch_size, mean, std, seed=seed, epoch=epoch,
-                                  **(augment or {}))
-        progress = Progress(epoch + 1, epochs, len(x_train))
-        try:
-            train_loss, train_acc, step = train_epoch(model, loss_fn, optimizer, schedule,
-                                                      batches, step, progress)
-        except KeyboardInterrupt:
-            progress.close()
-            save(epoch)
-            raise
-        seconds = time.time() - start
-        val_loss, val_acc = evaluate(model, x_val, y_val, mean, std)[:2] if len(x_val) else (math.nan, math.nan)
-        history.append(dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc,
-                            val_loss=val_loss, val_acc=val_acc, seconds=seconds,
-                            lr=optimizer.lr))
-        val_text = f"val loss {val_loss:.4f} acc {val_acc:.4f}  " if len(x_val) else ""
-        log(f"epoch {epoch + 1:3d}/{epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-            f"{val_text}{seconds:.1f}s")
-        save(epoch + 1)
+    with StopRequest() as stop:
+        while at["epoch"] < epochs:
+            epoch, start = at["epoch"], time.time()
+            batches = iterate_batches(x_train, y_train, batch_size, mean, std, seed=seed, epoch=epoch,
+                                      start=at["batch"], **(augment or {}))
+            progress = Progress(epoch + 1, epochs, len(x_train), at["seen"])
+            ended = train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoch, progress, stop)
+            at["seconds"] += time.time() - start
+            if not ended:
+                save()
+                raise KeyboardInterrupt
+            val_loss, val_acc = evaluate(model, x_val, y_val, mean, std)[:2] if len(x_val) else (math.nan, math.nan)
+            history.append(dict(epoch=epoch + 1, train_loss=at["loss_sum"] / at["seen"],
+                                train_acc=at["correct"] / at["seen"], val_loss=val_loss, val_acc=val_acc,
+                                seconds=at["seconds"], lr=optimizer.lr))
+            val_text = f"val loss {val_loss:.4f} acc {val_acc:.4f}  " if len(x_val) else ""
+            log(f"epoch {epoch + 1:3d}/{epochs}  train loss {history[-1]['train_loss']:.4f} "
+                f"acc {history[-1]['train_acc']:.4f}  {val_text}{at['seconds']:.1f}s")
+            at = new_position(epoch + 1)
+            save()
+            if stop.requested:
+                raise KeyboardInterrupt
     return history
 
 
-# ======================================================================================
-# 7. Metrics
-# ======================================================================================
-
+# --- metrics -------------------------------------------------------------------------------
 
 def confusion_matrix(labels, predictions, num_classes):
     """cm[i, j] = how many images of class i were predicted as class j."""
@@ -2286,10 +2789,7 @@ def macro_f1(cm):
     return float(f1_scores(cm).mean())
 
 
-# ======================================================================================
-# 8. Drawing (Pillow, imported here only)
-# ======================================================================================
-
+# --- drawing (Pillow, imported here only) -------------------------------------------------
 
 def _font(size):
     from PIL import ImageFont
@@ -2431,10 +2931,72 @@ def draw_mistakes(images, labels, predictions, classes, title, path, count=40, c
     _save_png(image, path)
 
 
-# ======================================================================================
-# 9. Command line: the training scripts' shared options and runner, and the benchmark
-# ======================================================================================
 
+# --- the documented networks ---------------------------------------------------------------
+# ReLU follows MaxPool in the code although the documents write Conv-ReLU-MaxPool: max
+# pooling and ReLU commute (both are monotonic), so the function and its gradient are
+# exactly the same, and the ReLU runs on a quarter of the values.
+
+def mnist_network(net, impl="fast", rng=None):
+    """Network 1: Conv(4)-ReLU-MaxPool-Dense(64)-ReLU-Dense(10); network 2:
+    Conv(16)-ReLU-MaxPool-Conv(16)-ReLU-MaxPool-Dense(64)-ReLU-Dense(10)."""
+    if net == 1:
+        return Sequential(
+            Conv2D(1, 4, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),    # 4 x 13 x 13
+            Flatten(), Dense(676, 64, rng=rng), ReLU(), Dense(64, 10, rng=rng))
+    return Sequential(
+        Conv2D(1, 16, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),       # 16 x 13 x 13
+        Conv2D(16, 16, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),      # 16 x 5 x 5
+        Flatten(), Dense(400, 64, rng=rng), ReLU(), Dense(64, 10, rng=rng))
+
+
+def fashion_network(impl="fast", rng=None):
+    """Conv(6, padding 1)-ReLU-MaxPool-Dense(100)-ReLU-Dense(10)."""
+    return Sequential(
+        Conv2D(1, 6, 3, padding=1, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),  # 6 x 14 x 14
+        Flatten(), Dense(1176, 100, rng=rng), ReLU(), Dense(100, 10, rng=rng))
+
+
+def cifar_network3(impl="fast", rng=None):
+    """Conv(8)-ReLU-MaxPool-Conv(16)-ReLU-Conv(32)-ReLU-MaxPool-Dense(64)-ReLU-Dense(10)."""
+    return Sequential(
+        Conv2D(3, 8, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),       # 8 x 15 x 15
+        Conv2D(8, 16, 3, impl=impl, rng=rng), ReLU(),                               # 16 x 13 x 13
+        Conv2D(16, 32, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),     # 32 x 5 x 5
+        Flatten(), Dense(800, 64, rng=rng), ReLU(), Dense(64, 10, rng=rng))
+
+
+def cifar_network4(impl="fast", rng=None, widths=(64, 128, 128)):
+    """After the airbench recipe: a fixed whitening convolution (see init4), three
+    blocks of conv-pool-BatchNorm-GELU-conv-BatchNorm-GELU, global max pooling and
+    Dense(10), scaled by 1/9."""
+    rng = np.random.default_rng() if rng is None else rng
+    whiten = Conv2D(3, 24, 2, bias=False, impl=impl, rng=rng)                      # 24 x 31 x 31
+    whiten.trainable = False
+    layers, channels = [whiten, GELU()], 24
+    for width in widths:                                # 31 -> 15 -> 7 -> 3 pixels
+        first = Conv2D(channels, width, 3, padding=1, bias=False, impl=impl, rng=rng)
+        second = Conv2D(width, width, 3, padding=1, bias=False, impl=impl, rng=rng)
+        norms = [BatchNorm2D(width, momentum=0.4, eps=1e-12, scale=False) for _ in range(2)]
+        for conv in (first, second):  # PyTorch's default init, then identity on the first filters
+            bound = 1 / math.sqrt(conv.in_channels * 9)
+            conv.params["W"][:] = rng.uniform(-bound, bound, conv.params["W"].shape)
+            dirac_init(conv)
+        for norm in norms:
+            norm.lr_scale = 64.0
+        layers += [first, MaxPool2D(2, impl=impl), norms[0], GELU(), second, norms[1], GELU()]
+        channels = width
+    head = Dense(channels, 10, bias=False, rng=rng)
+    head.params["W"][:] = rng.uniform(-1, 1, head.params["W"].shape) / math.sqrt(channels)
+    return Sequential(*layers, GlobalMaxPool2D(), head, Scale(1 / 9))
+
+
+def init4(model, images):
+    """Network 4's whitening weights, from (normalized) training images."""
+    model.layers[0].params["W"][:] = whitening_filters(images)
+
+
+# --- command line: the training scripts' options and runner ---------------------------------
 
 def fail(message, code=2):
     """One line on stderr, no traceback, a non-zero exit."""
@@ -2477,20 +3039,13 @@ def parse_options(description, recipes, argv=None):
                         "./data/<dataset>, a system folder, else download")
     parser.add_argument("--out", help="output folder (default runs/<network>)")
     parser.add_argument("--limit", type=_positive(int), help="use only the first N training images")
-    parser.add_argument("--impl", choices=["fast", "loop"], default="fast",
-                        help="convolution and pooling implementation")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/model.npz")
+    parser.add_argument("--impl", choices=["fast", "plain", "loop"], default="fast",
+                        help="convolution and pooling: the engine, im2col, or the textbook loops")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/model.npz where it stopped")
     parser.add_argument("--predict", nargs="+", metavar="FILE",
                         help="classify image files with the trained OUT/model.npz")
     args = parser.parse_args(argv)
     return args, recipe
-
-
-def _load_split(dataset, folder, split):
-    if dataset == "cifar10":
-        return load_cifar10(folder, split)
-    images, labels = load_mnist(folder, split)
-    return images, labels, CLASS_NAMES[dataset]
 
 
 CLASS_NAMES = {
@@ -2500,16 +3055,36 @@ CLASS_NAMES = {
 }
 
 
+def _load_split(dataset, folder, split):
+    if dataset == "cifar10":
+        return load_cifar10(folder, split)
+    images, labels = load_mnist(folder, split)
+    return images, labels, CLASS_NAMES[dataset]
+
+
+MAX_IMAGE_PIXELS = 1 << 25  # larger pictures are refused before they are decoded
+
+
 def image_to_input(path, channels, height, width):
     """Any image Pillow opens -> uint8 (1, C, H, W) like the training images.
     Grayscale pictures with a light background are inverted, because MNIST digits
     and Fashion-MNIST clothes are light on black."""
     from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
     try:
-        with Image.open(path) as picture:
-            picture = picture.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(picture, np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                if picture.width * picture.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: {picture.width} x {picture.height} pixels, too large to "
+                                    f"decode (at most {MAX_IMAGE_PIXELS:,} pixels)")
+                picture = picture.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+                pixels = np.asarray(picture, np.uint8)
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path}: cannot read this image ({e})") from None
     if channels == 1:
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -2519,16 +3094,42 @@ def image_to_input(path, channels, height, width):
     return pixels.transpose(2, 0, 1)[None]
 
 
-def predict_files(files, out, build):
+def predict_files(files, checkpoint, build):
+    """Print the top three classes of each image file; the files that cannot be
+    read get one error line each after the others' predictions, and exit code 2."""
     model = build("fast", np.random.default_rng(0))
-    meta = load_checkpoint(os.path.join(out, "model.npz"), model)
-    mean, std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
-    classes, (c, h, w) = meta["classes"], meta["input_shape"]
+    meta = load_checkpoint(checkpoint, model)
+    try:
+        mean, std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
+        classes, (c, h, w) = list(meta["classes"]), meta["input_shape"]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{checkpoint}: damaged checkpoint (its metadata lacks the normalization, "
+                        f"classes or input shape)") from None
+    errors = []
     for path in files:
-        logits = model.predict(normalize(image_to_input(path, c, h, w), mean, std))
-        probs = np.exp(log_softmax(logits.astype(np.float64)))[0]
-        top = np.argsort(-probs)[:3]
-        print(f"{path}: " + ", ".join(f"{classes[k]} {probs[k]:.3f}" for k in top))
+        try:
+            pixels = image_to_input(path, c, h, w)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        probs = np.exp(log_softmax(model.predict(normalize(pixels, mean, std)).astype(np.float64)))[0]
+        print(f"{path}: " + ", ".join(f"{classes[k]} {probs[k]:.3f}" for k in np.argsort(-probs)[:3]))
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    if errors:
+        sys.exit(2)
+
+
+def check_output_folder(out):
+    """Make the output folder before any data is loaded, or say why it cannot be."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out}: is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create this folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: not writable")
 
 
 def make_optimizer(model, recipe, args):
@@ -2548,79 +3149,15 @@ def make_schedule(recipe, lr, total_steps):
     return constant_lr(lr)
 
 
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for the next arrays instead of giving
-    it back to the operating system (elsewhere this does nothing).
-
-    By default every array of more than a few megabytes is mapped fresh from the
-    system and unmapped when freed, so each training step pays again for the page
-    faults and the zeroing of its new memory: about 3,200 page faults per network 4
-    step.  With memory kept, that step ran 4 to 14 % faster here (2.6-2.9 s -> 2.4-2.6 s),
-    for about 100 MB more peak memory.  The scripts and the bench call this once at
-    the start; a training loop of your own can too."""
-    import ctypes
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1)  # no array gets its own mapping
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and freed memory is not returned
-    except (OSError, AttributeError, TypeError):     # not glibc: no mallopt to call
-        pass
-
-
-def blas_threads(count):
-    """Let OpenBLAS, the matrix-multiply library inside NumPy's wheels, use `count`
-    threads (count None: leave it); returns how many it used before, or None where
-    it cannot be found (NumPy built on another BLAS), in which case nothing changed.
-    Setting it takes about a microsecond, so split_model does it around every call."""
-    global _openblas
-    if _openblas is None:
-        _openblas = _find_openblas()
-    if not _openblas:
-        return None
-    set_threads, get_threads = _openblas
-    before = get_threads()
-    if count is not None:
-        set_threads(count)
-    return before
-
-
-_openblas = None  # (set, get) thread-count functions once found, () if there are none
-
-
-def _find_openblas():
-    """OpenBLAS's thread-count functions, looked up in the libraries NumPy loaded:
-    scipy-openblas in the wheels (symbols with a scipy_ prefix, 64_ suffix for
-    64-bit integers), a plain libopenblas otherwise."""
-    import ctypes
-    import glob
-    numpy_dir = os.path.dirname(np.__file__)
-    paths = glob.glob(os.path.join(numpy_dir + ".libs", "*openblas*"))       # Linux, Windows wheels
-    paths += glob.glob(os.path.join(numpy_dir, ".dylibs", "*openblas*"))     # macOS wheels
-    try:
-        with open("/proc/self/maps") as maps:                                   # any other Linux build
-            paths += [line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]]
-    except OSError:
-        pass
-    for path in dict.fromkeys(paths):
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                set_threads = getattr(library, f"{prefix}_set_num_threads{suffix}", None)
-                get_threads = getattr(library, f"{prefix}_get_num_threads{suffix}", None)
-                if set_threads and get_threads:
-                    return set_threads, get_threads
-    return ()
-
-
 def peak_memory_mb():
     """Peak resident memory of this process (a TwinProcess has its own, mostly pages
     it shares with this one)."""
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+# Options that decide the batches and the data: a run resumes only with the same ones.
+RESUME_OPTIONS = ("net", "batch_size", "seed", "val", "limit", "lr", "weight_decay", "impl")
 
 
 def run_script(args, *, name, title, dataset, build, recipe):
@@ -2629,14 +3166,23 @@ def run_script(args, *, name, title, dataset, build, recipe):
     started = time.time()
     keep_freed_memory()
     out = args.out or os.path.join("runs", name)
+    checkpoint = os.path.join(out, "model.npz")
     try:
         if args.predict:
-            return predict_files(args.predict, out, build)
+            return predict_files(args.predict, checkpoint, build)
+        check_output_folder(out)
         folder = locate_dataset(dataset, args.data_dir)
         train_images, train_labels, classes = _load_split(dataset, folder, "train")
         test_images, test_labels, _ = _load_split(dataset, folder, "test")
     except DataError as e:
         fail(str(e))
+    rng = np.random.default_rng(args.seed)
+    model = build(args.impl, rng)
+    try:
+        with model.evaluating():
+            model.forward(np.zeros((1,) + train_images.shape[1:], np.float32))
+    except ValueError as e:
+        fail(f"{folder}: images of shape {train_images.shape[1:]} do not fit this network ({e})")
     if args.limit:
         train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
     n_val = min(args.val, len(train_images) // 10)
@@ -2647,8 +3193,6 @@ def run_script(args, *, name, title, dataset, build, recipe):
     print(f"{title}: {n_train} training, {n_val} validation, {len(test_images)} test images "
           f"from {folder}", file=sys.stderr)
 
-    rng = np.random.default_rng(args.seed)
-    model = build(args.impl, rng)
     if "init" in recipe:
         recipe["init"](model, normalize(np.asarray(train_set[0][:5000]), mean, std))
     optimizer = make_optimizer(model, recipe, args)
@@ -2657,30 +3201,36 @@ def run_script(args, *, name, title, dataset, build, recipe):
     if recipe.get("lookahead"):
         optimizer = Lookahead(optimizer, model, steps)
     loss_fn = SoftmaxCrossEntropy(recipe.get("label_smoothing", 0.0))
-    checkpoint = os.path.join(out, "model.npz")
     options = {k: v for k, v in vars(args).items() if k != "predict"}
     meta = dict(options=options, mean=mean.tolist(), std=std.tolist(), classes=classes,
                 input_shape=list(train_images.shape[1:]))
-    start_epoch, history = 0, []
+    position, history = None, []
     if args.resume:
         try:
             stored = load_checkpoint(checkpoint, model, optimizer)
-        except (DataError, ValueError) as e:
+        except DataError as e:
             fail(str(e))
-        start_epoch, history = stored.get("epoch", 0), stored.get("history", [])
-        print(f"resuming from {checkpoint} after epoch {start_epoch}", file=sys.stderr)
-    os.makedirs(out, exist_ok=True)
+        before = stored.get("options", {})
+        changed = [f"--{k.replace('_', '-')} {before[k]}" for k in RESUME_OPTIONS
+                   if k in before and before[k] != options.get(k)]
+        if changed:
+            fail(f"{checkpoint}: trained with {', '.join(changed)}; resume with the same options")
+        position, history = stored.get("position"), stored.get("history", [])
+        if not isinstance(position, dict) or not isinstance(history, list):
+            fail(f"{checkpoint}: damaged checkpoint (no training position)")
+        where = f", step {position['batch']} of epoch {position['epoch'] + 1}" if position["batch"] else ""
+        print(f"resuming from {checkpoint} after epoch {position['epoch']}{where}", file=sys.stderr)
     augment = {k: recipe[k] for k in ("crop", "flip", "pad_mode") if k in recipe}
     try:
         history = fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std,
                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                       augment=augment, checkpoint=checkpoint, meta=meta,
-                      start_epoch=start_epoch, history=history)
+                      position=position, history=history)
     except TrainingDiverged as e:
         fail(f"{e}; try a smaller learning rate (--lr {args.lr / 3:.3g}); "
              f"the last good checkpoint is {checkpoint}", code=1)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: saved {checkpoint}; run again with --resume to continue",
+        print(f"\ninterrupted: saved {checkpoint}; run the same command with --resume to continue",
               file=sys.stderr)
         sys.exit(130)
 
@@ -2717,6 +3267,8 @@ def run_script(args, *, name, title, dataset, build, recipe):
     return metrics
 
 
+# --- bench ------------------------------------------------------------------------------------
+
 def _best_time(fn, repeats=3, budget=2.0):
     """Smallest wall time of fn() over a few runs (fewer if one run is slow)."""
     fn()
@@ -2752,27 +3304,26 @@ def cpu_steal_since(start):
 
 
 def matmul_gflops(n=2048):
+    """The machine's float32 matrix-multiply speed, OpenBLAS on all its threads."""
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     return 2 * n ** 3 / _best_time(lambda: a @ a, 5) / 1e9
 
 
-def _conv_flops(layer, x_shape, y_shape, input_grad):
+def _conv_flops(layer, y_shape, input_grad):
     """Multiply-adds x 2 of the forward pass, and of the backward (dW, plus dx)."""
     forward = 2 * np.prod(y_shape) * layer.in_channels * layer.kh * layer.kw
     return forward, forward * (2 if input_grad else 1)
 
 
-def _forward_backward_times(forward, backward):
+def _forward_backward_times(forward, backward, repeats):
     """Best times of forward() and of backward(), the latter after a last forward()
-    (backward needs that call's cache); best of 5, as the ceiling they are compared
-    with (best of 3, network 4's 64 -> 64 layer measured 34 and 50 ms forward in two
-    runs minutes apart)."""
-    t_fwd = _best_time(forward, 5)
+    (backward needs that call's cache)."""
+    t_fwd = _best_time(forward, repeats)
     forward()
-    return t_fwd, _best_time(backward, 5)
+    return t_fwd, _best_time(backward, repeats)
 
 
-def bench_layers(name, model, x, loop_images=1):
+def bench_layers(name, model, x, repeats=5, loop_images=1):
     """Time every convolution and pooling layer of model on batch x, fast and loop,
     and each convolution with the pooling it runs in the network (fused_pools)."""
     model.train()
@@ -2790,7 +3341,8 @@ def bench_layers(name, model, x, loop_images=1):
         y = layer.forward(xi)
         g = nchw_view(np.ones(y.shape[:1] + y.shape[2:] + y.shape[1:2], y.dtype))
         kwargs = {"input_grad": i != stop} if isinstance(layer, Conv2D) else {}
-        t_fwd, t_bwd = _forward_backward_times(lambda: layer.forward(xi), lambda: layer.backward(g, **kwargs))
+        t_fwd, t_bwd = _forward_backward_times(lambda: layer.forward(xi), lambda: layer.backward(g, **kwargs),
+                                               repeats)
         loop = MaxPool2D(layer.k, layer.stride, impl="loop") if isinstance(layer, MaxPool2D) else \
             Conv2D(layer.in_channels, layer.out_channels, (layer.kh, layer.kw), layer.stride, layer.padding,
                    impl="loop")
@@ -2800,76 +3352,69 @@ def bench_layers(name, model, x, loop_images=1):
         loop.backward(np.ones_like(ys), **kwargs)
         t_loop = (time.perf_counter() - start) * len(xi) / loop_images
         row = f"  {name:<11}{layer!r:<44}{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}"
+        rate = None
         if isinstance(layer, Conv2D):
-            f_fwd, f_bwd = _conv_flops(layer, xi.shape, y.shape, kwargs["input_grad"])
+            f_fwd, f_bwd = _conv_flops(layer, y.shape, kwargs["input_grad"])
             rate = (f_fwd + f_bwd) / (t_fwd + t_bwd) / 1e9
-            rows.append((row + f"{rate:9.1f}", rate))
-        else:
-            rows.append((row + f"{'':9}", None))
-        rows[-1] = (rows[-1][0], rows[-1][1], t_loop, t_fwd + t_bwd)
+        rows.append((row + (f"{rate:9.1f}" if rate else f"{'':9}"), rate, t_loop, t_fwd + t_bwd))
         if i - 1 in pools:
             conv, xc = model.layers[i - 1], inputs[i - 1]
             t_fwd, t_bwd = _forward_backward_times(lambda: conv.forward(xc, pool=layer),
-                                                   lambda: conv.backward(g, input_grad=i - 1 != stop))
+                                                   lambda: conv.backward(g, input_grad=i - 1 != stop), repeats)
             rows.append((f"  {name:<11}{'  the two above as one (as in training)':<44}"
                          f"{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}", None, None, None))
     return rows
 
 
-def bench_network(model, x, labels, batch_size, epoch_images, steps):
-    """Training images/s (shuffled batch in, SGD step out), inference images/s."""
+def bench_network(model, shape, batch_size, epoch_images, steps, repeats):
+    """Training images/s (batch in, SGD step out, as train_epoch runs it), inference
+    images/s, and seconds per epoch of epoch_images at that training speed."""
     loss_fn = SoftmaxCrossEntropy()
     optimizer = SGD(model.parameters(), 0.01, momentum=0.9)
-    images = np.random.default_rng(0).integers(0, 256, (batch_size,) + x.shape[1:]).astype(np.uint8)
-    mean, std = np.full(x.shape[1], 120, np.float32), np.full(x.shape[1], 60, np.float32)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch_size,) + shape).astype(np.uint8)
+    labels = rng.integers(0, 10, batch_size)
+    mean, std = np.full(shape[0], 120, np.float32), np.full(shape[0], 60, np.float32)
 
     def train_steps(twin):
         model.train()
         for _ in range(steps):
-            train_step(model, loss_fn, normalize(images, mean, std), labels[:batch_size], twin)
+            train_step(model, loss_fn, normalize(images, mean, std), labels, twin)
             optimizer.step()
-    with TwinProcess.where_usable(model, loss_fn) as twin:  # as train_epoch
-        train_rate = steps * batch_size / _best_time(lambda: train_steps(twin), 3)
-    test = np.random.default_rng(1).integers(0, 256, (2000,) + x.shape[1:]).astype(np.uint8)
-    infer_rate = len(test) / _best_time(lambda: predict_logits(model, test, mean, std), 2)
+    with TwinProcess.where_usable(model, loss_fn) as twin:
+        train_rate = steps * batch_size / _best_time(lambda: train_steps(twin), repeats)
+    test = rng.integers(0, 256, (8 * batch_size if steps < 10 else 2000,) + shape).astype(np.uint8)
+    infer_rate = len(test) / _best_time(lambda: predict_logits(model, test, mean, std), max(1, repeats - 1))
     return train_rate, infer_rate, epoch_images / train_rate
 
 
 def bench(argv):
     """Print the machine's matmul ceiling, per-layer speed (fast vs loop) and
-    per-network throughput.  Needs the train_*.py scripts beside this file."""
-    try:
-        import train_cifar
-        import train_fashion
-        import train_mnist
-    except ImportError:
-        print("error: bench needs train_mnist.py, train_fashion.py and train_cifar.py beside cnn.py",
-              file=sys.stderr)
-        return 2
+    per-network throughput.  --quick: tiny batches, to check that it runs."""
+    quick = "--quick" in argv
     started, steal_start = time.time(), cpu_times()
     keep_freed_memory()
     rng = np.random.default_rng(0)
-    peak = matmul_gflops()
-    print(f"machine: {os.cpu_count()} cores, NumPy {np.__version__}; float32 matmul 2048x2048: "
-          f"{peak:.0f} GFLOP/s (the ceiling below)\n")
-    networks = [  # name, model, input shape, default batch, images per epoch, bench steps, layer batch
-        ("net1", train_mnist.network(1, "fast", rng), (1, 28, 28), 64, 60000, 60, 64),
-        ("net2", train_mnist.network(2, "fast", rng), (1, 28, 28), 64, 60000, 60, 64),
-        ("fashion", train_fashion.network("fast", rng), (1, 28, 28), 64, 60000, 60, 64),
-        ("net3", train_cifar.network3("fast", rng), (3, 32, 32), 64, 50000, 60, 64),
-        ("net4", train_cifar.network4("fast", rng), (3, 32, 32), 512, 50000, 2, 256),
-    ]
-    # The networks first, printed last.  Measured after the layers, whose work arrays
-    # (gigabytes, kept by keep_freed_memory) this process still holds when it forks
-    # its TwinProcess, network 1 trained at 17,900 and 19,100 images/s in two runs;
-    # measured first, at 35,000 (the copy-on-write of a large heap, we think).
-    labels, network_rows = rng.integers(0, 10, 1024), []
+    peak = matmul_gflops(256 if quick else 2048)
+    print(f"machine: {os.cpu_count()} cores, NumPy {np.__version__}; float32 matmul "
+          f"{'256x256' if quick else '2048x2048'}: {peak:.0f} GFLOP/s (the ceiling below)\n")
+    repeats = 1 if quick else 5
+    # name, model, input shape, batch, images per epoch, bench steps, layer batch
+    networks = [("net1", mnist_network(1, rng=rng), (1, 28, 28), 64, 60000, 60, 64),
+                ("net2", mnist_network(2, rng=rng), (1, 28, 28), 64, 60000, 60, 64),
+                ("fashion", fashion_network(rng=rng), (1, 28, 28), 64, 60000, 60, 64),
+                ("net3", cifar_network3(rng=rng), (3, 32, 32), 64, 50000, 60, 64),
+                ("net4", cifar_network4(rng=rng), (3, 32, 32), 512, 50000, 2, 256)]
+    if quick:
+        networks = [(name, model, shape, 8, images, 1, 4) for name, model, shape, _, images, _, _ in networks]
+    # The networks first, printed last: measured after the layers, whose work arrays
+    # this process still holds when it forks its TwinProcess, they train slower.
+    network_rows = []
     for name, model, shape, batch, epoch_images, steps, _ in networks:
-        x = np.zeros((1,) + shape, np.float32)
         if name == "net4":
-            train_cifar.init4(model, normalize(rng.integers(0, 256, (64,) + shape).astype(np.uint8),
-                                               np.full(3, 120, np.float32), np.full(3, 60, np.float32)))
-        train_rate, infer_rate, epoch = bench_network(model, x, labels, batch, epoch_images, steps)
+            init4(model, normalize(rng.integers(0, 256, (64,) + shape).astype(np.uint8),
+                                   np.full(3, 120, np.float32), np.full(3, 60, np.float32)))
+        train_rate, infer_rate, epoch = bench_network(model, shape, batch, epoch_images, steps, 1 if quick else 3)
         network_rows.append(f"  {name:<10}{batch:>6}{train_rate:>13,.0f}{infer_rate:>13,.0f}{epoch:>9.1f}")
     print(f"  {'network':<11}{'layer (fast; loop on 1 image, scaled)':<44}{'fwd ms':>8}{'bwd ms':>8}"
           f"{'GFLOP/s':>9}{'% peak':>8}{'loop ms':>10}{'speed-up':>9}")
@@ -2878,12 +3423,11 @@ def bench(argv):
             continue
         x = normalize(rng.integers(0, 256, (layer_batch,) + shape).astype(np.uint8),
                       np.full(shape[0], 120, np.float32), np.full(shape[0], 60, np.float32))
-        if name == "net4":
-            train_cifar.init4(model, x)
-        for row, rate, t_loop, t_fast in bench_layers(f"{name} N={layer_batch}", model, x):
+        for row, rate, t_loop, t_fast in bench_layers(f"{name} N={layer_batch}", model, x, repeats):
             percent = f"{100 * rate / peak:7.0f}%" if rate else f"{'':8}"
             print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x" if t_loop else row)
-    print(f"\n  {'network':<10}{'batch':>6}{'train img/s':>13}{'infer img/s':>13}{'s/epoch':>9}  (epoch: 60,000 MNIST / 50,000 CIFAR-10 images)")
+    print(f"\n  {'network':<10}{'batch':>6}{'train img/s':>13}{'infer img/s':>13}{'s/epoch':>9}"
+          f"  (epoch: 60,000 MNIST / 50,000 CIFAR-10 images)")
     print("\n".join(network_rows))
     stolen = cpu_steal_since(steal_start)
     print(f"\nbench took {time.time() - started:.0f} s" +
@@ -2891,14 +3435,13 @@ def bench(argv):
     return 0
 
 
-USAGE = """usage: python cnn.py bench     measure the layers and networks on this machine
+USAGE = """usage: python cnn.py bench [--quick]   measure the layers and networks on this machine
        (training: python train_mnist.py --net 1|2, train_fashion.py, train_cifar.py --net 3|4)"""
 
 
 def main(argv):
     if argv[:1] == ["bench"]:
-        import cnn  # the scripts' networks are built from the module "cnn", not "__main__"
-        return cnn.bench(argv[1:])
+        return bench(argv[1:])
     print(USAGE)
     return 0 if not argv else 2
 

@@ -3,7 +3,7 @@
 
     python train_fashion.py
 """
-from cnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, parse_options, run_script
+from cnn import fashion_network, parse_options, run_script
 
 # Chosen on the validation split: batch 32 with a short warm-up and linear decay beat
 # batch 64 with a cosine schedule, Adam, label smoothing and random flips.
@@ -11,16 +11,10 @@ RECIPES = {None: dict(epochs=3, batch_size=32, lr=0.03, momentum=0.9, nesterov=T
                       schedule="warmup_linear", warmup=0.1)}
 
 
-def network(impl, rng):  # ReLU after MaxPool: the same function, see train_mnist.py
-    return Sequential(
-        Conv2D(1, 6, 3, padding=1, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),  # 6 x 14 x 14
-        Flatten(), Dense(1176, 100, rng=rng), ReLU(), Dense(100, 10, rng=rng))
-
-
 def main(argv=None):
     args, recipe = parse_options(__doc__, RECIPES, argv)
     run_script(args, name="fashion", title="Fashion-MNIST network", dataset="fashion-mnist",
-               build=network, recipe=recipe)
+               build=fashion_network, recipe=recipe)
 
 
 if __name__ == "__main__":
