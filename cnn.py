@@ -27,6 +27,7 @@ standard library and NumPy are imported here.
 import argparse
 import contextlib
 import copy
+import functools
 import gzip
 import hashlib
 import json
@@ -108,13 +109,13 @@ class Layer(HasFastVersion):
 
     def check_input(self, x):
         """x as an array, or a ValueError/TypeError naming this layer and the problem."""
-        x = np.asarray(x)
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
         if x.dtype.kind != "f":
             raise TypeError(f"{self!r}: input must be floating-point, got {x.dtype} "
                             f"(normalize integer images first, e.g. with cnn.normalize)")
         pattern = self.input_pattern()
-        if pattern is not None and (x.ndim != len(pattern) or any(
-                isinstance(want, int) and want != size for want, size in zip(pattern, x.shape))):
+        if pattern is not None and not shape_fits(x.shape, pattern):
             want = "(" + ", ".join(str(p) for p in pattern) + ")"
             raise ValueError(f"{self!r}: expected input of shape {want}, got {tuple(x.shape)}")
         return x
@@ -135,6 +136,16 @@ class Layer(HasFastVersion):
     def backward(self, grad):
         self.check_grad(grad)
         return self._backward(grad)
+
+
+def shape_fits(shape, pattern):
+    """Whether shape matches pattern: as many axes, and the given sizes where it has numbers."""
+    if len(shape) != len(pattern):
+        return False
+    for size, want in zip(shape, pattern):
+        if want != size and type(want) is int:
+            return False
+    return True
 
 
 def he_normal(rng, shape, fan_in, dtype):
@@ -1147,9 +1158,18 @@ class EngineState:
                 blas_threads(self.blas_before)
 
 
+class ThreadState(threading.local):
+    """What the engine keeps for each thread of the process."""
+    cores_taken = False  # this thread runs a slice of a split model (see cores_taken)
+    blas_held = False    # this thread is inside one_blas_thread()
+
+    def __init__(self):
+        self.buffers = {}  # the work arrays of scratch(None, ...), freed with the thread
+
+
 _engine = None
 _engine_lock = threading.Lock()
-_local = threading.local()  # per thread: cores_taken, and the work arrays of scratch()
+_local = ThreadState()
 
 
 def engine():
@@ -1167,24 +1187,39 @@ def engine():
 def cores_taken():
     """True in a thread that runs a slice of a model split over the cores: it has a
     core to itself, and hands nothing more to helper threads."""
-    return getattr(_local, "cores_taken", False)
+    return _local.cores_taken
 
 
-@contextlib.contextmanager
-def one_blas_thread():
-    """OpenBLAS on one thread within the block, for this and every other thread of
-    the process, restored when the last such block ends, however it ends.  Yields
-    False (and changes nothing) where OpenBLAS's thread count cannot be set.  The
-    engine runs every product this way: its own threads keep the cores busy, a sum
-    split over OpenBLAS's threads would depend on their number, and OpenBLAS's idle
-    threads would spin on a core the engine's threads need."""
-    state = engine()
-    held = state.hold_blas()
-    try:
-        yield held
-    finally:
-        if held:
-            state.release_blas()
+class one_blas_thread:
+    """OpenBLAS on one thread within the block (with ... as held), for this and every
+    other thread of the process, restored when the last such block ends, however it
+    ends.  held is False (and nothing changed) where OpenBLAS's thread count cannot be
+    set.  The engine runs every product this way: its own threads keep the cores
+    busy, a sum split over OpenBLAS's threads would depend on their number, and
+    OpenBLAS's idle threads would spin on a core the engine's threads need.  Blocks
+    within a block of the same thread cost almost nothing."""
+
+    def __enter__(self):
+        self.nested = _local.blas_held
+        if self.nested:
+            return True
+        self.state = engine()
+        self.held = _local.blas_held = self.state.hold_blas()
+        return self.held
+
+    def __exit__(self, *exc):
+        if not self.nested and self.held:
+            _local.blas_held = False
+            self.state.release_blas()
+
+
+def on_one_blas_thread(method):
+    """Decorator: the method runs within one_blas_thread() (the fast layers' passes)."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with one_blas_thread():
+            return method(*args, **kwargs)
+    return run
 
 
 @contextlib.contextmanager
@@ -1206,11 +1241,15 @@ def in_parallel(fn, arrays, parts):
     n = len(arrays[0])
     bounds = [n * i // parts for i in range(parts + 1)]
     slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
-    results, taken = [None] * parts, cores_taken()
+    results, taken, held = [None] * parts, _local.cores_taken, _local.blas_held
 
-    def run(i):
-        with own_core(taken):
-            results[i] = fn(i, *slices[i])
+    def run(i):  # in a helper thread, as in this one: the same cores_taken, OpenBLAS held
+        before, _local.blas_held = _local.blas_held, held
+        try:
+            with own_core(taken):
+                results[i] = fn(i, *slices[i])
+        finally:
+            _local.blas_held = before
 
     state = engine()
     helpers = state.take_helpers(parts - 1)
@@ -1236,7 +1275,7 @@ def split_batch(fn, *arrays):
     parallel.  fn writes only into the slices it is given, so the result is the same,
     number for number.  Inside a split model every core already has its slice, and
     fn runs whole in this thread."""
-    parts = min(CORES, len(arrays[0])) if arrays[0].size >= SPLIT_MIN and not cores_taken() else 1
+    parts = min(CORES, len(arrays[0])) if arrays[0].size >= SPLIT_MIN and not _local.cores_taken else 1
     if parts == 1:
         fn(*arrays)
     else:
@@ -1308,6 +1347,9 @@ def keep_freed_memory():
 
 
 # --- work arrays and matrix products ----------------------------------------------------
+# A FastSequential runs its layers with OpenBLAS on one thread (on_one_blas_thread),
+# and so the products below, whose own split over OpenBLAS's threads would make their
+# sums depend on the number of threads.
 
 def scratch(buffers, name, shape, dtype):
     """An uninitialised work array of this shape, kept in `buffers` from call to call
@@ -1315,7 +1357,7 @@ def scratch(buffers, name, shape, dtype):
     from the operating system each time, and first touching their pages costs about
     as much as the copy that fills them."""
     if buffers is None:
-        buffers = _local.__dict__.setdefault("buffers", {})
+        buffers = _local.buffers
     size = math.prod(shape)
     buffer = buffers.get(name)
     if buffer is None or buffer.size < size or buffer.dtype != dtype:
@@ -1386,7 +1428,7 @@ SMALL_MATMUL = 100 ** 3  # multiply-adds up to which OpenBLAS uses its small-mat
 
 
 def thin_matmul(a, b):
-    """a @ b, on one OpenBLAS thread, for products with one long dimension and two
+    """a @ b for products with one long dimension and two
     short ones whose product is at most 256, like the first convolution's (9 or 27
     taps, 4 to 16 channels, N*Ho*Wo pixels).  Above SMALL_MATMUL multiply-adds
     OpenBLAS leaves its small-matrix kernel for a general one that is several times
@@ -1397,33 +1439,25 @@ def thin_matmul(a, b):
     longest = max(m, k, n)
     short = m * k * n // longest
     block = max(1, SMALL_MATMUL // short)
-    with one_blas_thread():
-        if short > 256 or longest <= block:
-            return a @ b
-        if longest == k:                                           # sum over blocks of k
-            out = a[:, :block] @ b[:block]
-            for i in range(block, k, block):
-                out += a[:, i:i + block] @ b[i:i + block]
-            return out
-        out = np.empty((m, n), np.result_type(a, b))
-        for i in range(0, longest, block):
-            rows = slice(i, i + block) if longest == m else slice(None)
-            cols = slice(i, i + block) if longest != m else slice(None)
-            np.matmul(a[rows], b[:, cols], out=out[rows, cols])
-        return out
-
-
-def matmul(a, b):
-    """a @ b on one OpenBLAS thread (see one_blas_thread)."""
-    with one_blas_thread():
+    if short > 256 or longest <= block:
         return a @ b
+    if longest == k:                                           # sum over blocks of k
+        out = a[:, :block] @ b[:block]
+        for i in range(block, k, block):
+            out += a[:, i:i + block] @ b[i:i + block]
+        return out
+    out = np.empty((m, n), np.result_type(a, b))
+    for i in range(0, longest, block):
+        rows = slice(i, i + block) if longest == m else slice(None)
+        cols = slice(i, i + block) if longest != m else slice(None)
+        np.matmul(a[rows], b[:, cols], out=out[rows, cols])
+    return out
 
 
 def column_sum(a):
     """a.sum(axis=0) for a tall matrix a, as the product ones @ a: OpenBLAS sums the
     rows an order of magnitude faster than NumPy's reduction down axis 0."""
-    with one_blas_thread():
-        return np.ones(a.shape[0], a.dtype) @ a
+    return np.ones(a.shape[0], a.dtype) @ a
 
 
 # --- the fast layers ---------------------------------------------------------------------
@@ -1481,7 +1515,7 @@ class FastConv2D(Conv2D):
             raise ValueError(f"{pool!r}: input {(n, f, ho, wo)} is smaller than the window")
         pixels = n * k * k * (ho // k) * (wo // k)                 # rows of cols: N*Ho*Wo unpooled
         buffers = self.buffers if self.training else None          # evaluation keeps no cache
-        layout = self.layout(x)
+        layout, x_order = self.layout(x), memory_order(x)
         if layout != "channels-last":                              # cols^T: (C*kh*kw, M)
             cols = scratch(buffers, "cols", (c * self.kh * self.kw, pixels), x.dtype)
             im2col_t(pad_hw(x, p, axes=(2, 3)), self.kh, self.kw, self.stride, out=cols, pool=k)
@@ -1501,7 +1535,7 @@ class FastConv2D(Conv2D):
             rows = np.tile(self.params["b"], pixels // n)             # rows: (pixels of an image * F,)
             split_batch(lambda y: np.add(y, rows, out=y), y.reshape(n, -1))
         if self.training:
-            self.cache, self.x_shape, self.x_order = (layout, cols), x.shape, memory_order(x)
+            self.cache, self.x_shape, self.x_order = (layout, cols), x.shape, x_order
             self.pool, self.y_shape = pool, y.shape
         if pool is not None:
             order = (1, 0, 2, 3) if layout == "channel-major" else (0, 2, 3, 1)
@@ -1759,20 +1793,14 @@ class FastFlatten(Flatten):
 
 
 class FastDense(Dense):
-    """Dense with its products on one OpenBLAS thread and the bias gradient by BLAS."""
+    """Dense with the bias gradient as a BLAS product."""
     fast = True
 
-    def _forward(self, x):
-        if self.training:
-            self.x = x
-        y = matmul(x, self.params["W"])                            # y: (N, out)
-        return y + self.params["b"] if "b" in self.params else y
-
     def _backward(self, grad_out):
-        self.grads["W"] = matmul(self.x.T, grad_out)
+        self.grads["W"] = self.x.T @ grad_out
         if "b" in self.params:
             self.grads["b"] = column_sum(grad_out)
-        return matmul(grad_out, self.params["W"].T)
+        return grad_out @ self.params["W"].T
 
 
 class FastBatchNorm2D(BatchNorm2D):
@@ -1845,6 +1873,7 @@ class FastSequential(Sequential):
         return {i: pool for i, (conv, pool) in enumerate(zip(self.layers, self.layers[1:]))
                 if isinstance(conv, FastConv2D) and conv.fuses(pool)}
 
+    @on_one_blas_thread
     def forward(self, x):
         pools = self.fused_pools()
         for i, layer in enumerate(self.layers):
@@ -1854,6 +1883,7 @@ class FastSequential(Sequential):
                 x = layer.forward(x)
         return x
 
+    @on_one_blas_thread
     def backward(self, grad, input_grad=False):
         first = self.first_trained()
         stop = 0 if input_grad or first is None else first
@@ -2044,8 +2074,8 @@ class TwinProcess:
         """The twin's loop, until the pipe closes.  Ctrl-C is the parent's to handle."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.pipe.close()    # the parent's end: the pipe must close when the parent closes it
-        _local.cores_taken = True
-        blas_threads(1)
+        blas_threads(1)      # for good: this process only ever runs its slice on its core
+        _local.cores_taken = _local.blas_held = True
         for (layer, key), shared in zip(self.weights, self.shared_weights):
             layer.params[key] = shared
         while True:

@@ -59,7 +59,7 @@ def away_from_zero(shape, seed=0):
 # --------------------------------------------------------------------------- layers
 
 
-@pytest.mark.parametrize("impl", ["loop", "fast"])
+@pytest.mark.parametrize("impl", ["loop", "plain", "fast"])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 0), (2, 1)])
 @pytest.mark.parametrize("channels", [(1, 4), (3, 4), (4, 3), (9, 2)])  # fast: dx as a sum of taps for (1, 4), (3, 4), else as a convolution
 def test_conv_gradients(monkeypatch, impl, stride, padding, channels):
@@ -75,14 +75,14 @@ def test_conv_gradients(monkeypatch, impl, stride, padding, channels):
         check_layer_gradients(layer, cnn.nchw_view(cnn.nhwc(x)))
 
 
-@pytest.mark.parametrize("impl", ["loop", "fast"])
+@pytest.mark.parametrize("impl", ["loop", "plain", "fast"])
 def test_conv_gradients_rectangular_kernel_without_bias(impl):
     rng = np.random.default_rng(2)
     layer = cnn.Conv2D(2, 3, (2, 3), stride=2, impl=impl, bias=False, dtype=np.float64, rng=rng)
     check_layer_gradients(layer, rng.standard_normal((3, 2, 6, 9)))
 
 
-@pytest.mark.parametrize("impl", ["loop", "fast"])
+@pytest.mark.parametrize("impl", ["loop", "plain", "fast"])
 @pytest.mark.parametrize("kernel,stride,size", [(2, None, (6, 8)), (2, None, (7, 9)),
                                                  (3, 2, (7, 8)), (3, 1, (5, 6)), (2, 1, (4, 5))])
 def test_maxpool_gradients(impl, kernel, stride, size):
@@ -91,7 +91,7 @@ def test_maxpool_gradients(impl, kernel, stride, size):
 
 
 def test_maxpool_first_maximum_gets_the_gradient_and_overlaps_accumulate():
-    for impl in ("loop", "fast"):
+    for impl in ("loop", "plain", "fast"):
         x = np.zeros((1, 1, 3, 3))
         x[0, 0, 1, 1] = 5.0                       # the centre is the max of all 4 windows
         pool = cnn.MaxPool2D(2, 1, impl=impl)
@@ -110,32 +110,71 @@ def test_maxpool_first_maximum_gets_the_gradient_and_overlaps_accumulate():
 
 
 @pytest.mark.parametrize("stride,padding,size", [(1, 0, (8, 7)), (2, 1, (9, 10)), (1, 1, (5, 5))])
-def test_conv_loop_and_fast_agree(stride, padding, size):
+def test_conv_loop_plain_and_fast_agree(stride, padding, size):
     rng = np.random.default_rng(4)
-    loop = cnn.Conv2D(3, 5, 3, stride=stride, padding=padding, impl="loop", dtype=np.float64, rng=rng)
-    fast = cnn.Conv2D(3, 5, 3, stride=stride, padding=padding, impl="fast", dtype=np.float64)
-    loop.params["b"][:] = rng.standard_normal(5)
-    for key in loop.params:
-        fast.params[key] = loop.params[key].copy()
+    layers = [cnn.Conv2D(3, 5, 3, stride=stride, padding=padding, impl=impl, dtype=np.float64, rng=rng)
+              for impl in ("loop", "plain", "fast")]
+    layers[0].params["b"][:] = rng.standard_normal(5)
+    for layer in layers[1:]:
+        for key in layers[0].params:
+            layer.params[key] = layers[0].params[key].copy()
     x = rng.standard_normal((4, 3) + size)
-    y_loop, y_fast = loop.forward(x), fast.forward(x)
-    assert rel_error(y_loop, y_fast) < 1e-10
-    g = rng.standard_normal(y_loop.shape)
-    assert rel_error(loop.backward(g), fast.backward(g)) < 1e-10
-    for key in loop.params:
-        assert rel_error(loop.grads[key], fast.grads[key]) < 1e-10
+    ys = [layer.forward(x) for layer in layers]
+    g = rng.standard_normal(ys[0].shape)
+    dxs = [layer.backward(g) for layer in layers]
+    for other in (1, 2):
+        assert rel_error(ys[0], ys[other]) < 1e-10 and rel_error(dxs[0], dxs[other]) < 1e-10
+        for key in layers[0].params:
+            assert rel_error(layers[0].grads[key], layers[other].grads[key]) < 1e-10
 
 
 @pytest.mark.parametrize("kernel,stride", [(2, None), (3, 2), (2, 1)])
-def test_pool_loop_and_fast_agree(kernel, stride):
+def test_pool_loop_plain_and_fast_agree(kernel, stride):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 4, 9, 7))
     x[0, 0, :2, :2] = 1.0  # a tie
-    loop, fast = cnn.MaxPool2D(kernel, stride, impl="loop"), cnn.MaxPool2D(kernel, stride, impl="fast")
-    y = loop.forward(x)
-    assert rel_error(y, fast.forward(x)) < 1e-10
-    g = rng.standard_normal(y.shape)
-    assert rel_error(loop.backward(g), fast.backward(g)) < 1e-10
+    pools = [cnn.MaxPool2D(kernel, stride, impl=impl) for impl in ("loop", "plain", "fast")]
+    ys = [pool.forward(x) for pool in pools]
+    g = rng.standard_normal(ys[0].shape)
+    dxs = [pool.backward(g) for pool in pools]
+    for other in (1, 2):
+        assert np.array_equal(ys[0], ys[other]) and rel_error(dxs[0], dxs[other]) < 1e-12
+
+
+def test_impl_picks_the_textbook_or_the_engine():
+    assert type(cnn.Conv2D(1, 2, 3)) is cnn.FastConv2D and type(cnn.Conv2D(1, 2, 3, impl="plain")) is cnn.Conv2D
+    assert type(cnn.Sequential()) is cnn.FastSequential and type(cnn.ReLU(impl="plain")) is cnn.ReLU
+    layer = cnn.Conv2D(1, 2, 3, impl="plain")
+    import copy
+    assert type(copy.deepcopy(layer)) is cnn.Conv2D and type(copy.copy(cnn.ReLU())) is cnn.FastReLU
+    assert cnn.Sequential(cnn.Conv2D(1, 2, 3)).parameters()[0][0] == "0.Conv2D.W"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        cnn.ReLU(impl="loop")
+
+
+@pytest.mark.parametrize("make", [lambda rng, impl: cnn.ReLU(impl=impl), lambda rng, impl: cnn.GELU(impl=impl),
+                                  lambda rng, impl: cnn.Flatten(impl=impl),
+                                  lambda rng, impl: cnn.GlobalMaxPool2D(impl=impl),
+                                  lambda rng, impl: cnn.Dense(60, 3, dtype=np.float64, rng=rng, impl=impl),
+                                  lambda rng, impl: cnn.BatchNorm2D(3, dtype=np.float64, impl=impl)],
+                         ids=["relu", "gelu", "flatten", "globalmax", "dense", "batchnorm"])
+def test_every_plain_layer_equals_its_fast_version(make):
+    rng = np.random.default_rng(40)
+    plain, fast = make(np.random.default_rng(1), "plain"), make(np.random.default_rng(1), "fast")
+    assert type(fast).__base__ is type(plain)
+    x = away_from_zero((4, 3, 4, 5), seed=41)
+    if isinstance(plain, cnn.Dense):
+        x = x.reshape(4, 60)
+    if isinstance(plain, cnn.BatchNorm2D):
+        plain.params["gamma"][:] = fast.params["gamma"][:] = rng.uniform(0.5, 1.5, 3)
+    y_plain, y_fast = plain.forward(x), fast.forward(x)
+    g = rng.standard_normal(y_plain.shape)
+    assert rel_error(y_plain, y_fast) < 1e-12
+    assert rel_error(plain.backward(g), fast.backward(g)) < 1e-12
+    for key in plain.grads:
+        assert rel_error(plain.grads[key], fast.grads[key]) < 1e-12, key
+    if isinstance(plain, cnn.BatchNorm2D):
+        assert rel_error(plain.running_var, fast.running_var) < 1e-12
 
 
 # c, f, channels-last input, padding, stride, input size, pool: every im2col layout
@@ -213,9 +252,10 @@ def test_conv_known_output():
     conv.params["b"][:] = 10
     x = np.arange(9, dtype=np.float64).reshape(1, 1, 3, 3)
     # cross-correlation (no kernel flip): 0*1 + 1*2 + 3*3 + 4*4 + 10 = 37
-    for impl in ("loop", "fast"):
-        conv.impl = impl
-        assert np.array_equal(conv.forward(x)[0, 0], [[37, 47], [67, 77]])
+    for impl in ("loop", "plain", "fast"):
+        layer = cnn.Conv2D(1, 1, 2, dtype=np.float64, impl=impl)
+        layer.params = conv.params
+        assert np.array_equal(layer.forward(x)[0, 0], [[37, 47], [67, 77]])
 
 
 def test_dense_relu_flatten_scale_gelu_gradients():
@@ -296,16 +336,19 @@ def test_numerical_gradient_of_a_known_function():
 
 
 def small_network(dtype=np.float64, impl="fast", seed=0):
+    """Every layer type with trained parameters; impl "loop" or "plain": Part I alone."""
     rng = np.random.default_rng(seed)
+    rest = "fast" if impl == "fast" else "plain"
     return cnn.Sequential(
         cnn.Conv2D(2, 4, 3, padding=1, impl=impl, bias=False, dtype=dtype, rng=rng),
-        cnn.BatchNorm2D(4, dtype=dtype),  # no conv bias before BatchNorm: its gradient is 0
-        cnn.ReLU(), cnn.MaxPool2D(2, impl=impl),
-        cnn.Conv2D(4, 3, 3, stride=1, impl=impl, dtype=dtype, rng=rng), cnn.GELU(),
-        cnn.Flatten(), cnn.Dense(6, 5, dtype=dtype, rng=rng), cnn.ReLU(), cnn.Dense(5, 3, dtype=dtype, rng=rng))
+        cnn.BatchNorm2D(4, dtype=dtype, impl=rest),  # no conv bias before BatchNorm: its gradient is 0
+        cnn.ReLU(impl=rest), cnn.MaxPool2D(2, impl=impl),
+        cnn.Conv2D(4, 3, 3, stride=1, impl=impl, dtype=dtype, rng=rng), cnn.GELU(impl=rest),
+        cnn.Flatten(impl=rest), cnn.Dense(6, 5, dtype=dtype, rng=rng, impl=rest), cnn.ReLU(impl=rest),
+        cnn.Dense(5, 3, dtype=dtype, rng=rng, impl=rest), impl=rest)
 
 
-@pytest.mark.parametrize("impl", ["loop", "fast"])
+@pytest.mark.parametrize("impl", ["loop", "plain", "fast"])
 def test_whole_network_gradient_with_batchnorm_in_training_mode(impl):
     rng = np.random.default_rng(10)
     model = small_network(impl=impl)
