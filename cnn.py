@@ -1824,14 +1824,14 @@ class FastBatchNorm2D(BatchNorm2D):
         gamma, beta = self.params.get("gamma"), self.params["beta"]
         y = np.empty_like(centred)                                 # y: (N*H*W, C)
 
-        def normalize(xhat, y):  # centred becomes xhat, in place
+        def scale_and_shift(xhat, y):  # centred becomes xhat, in place
             xhat *= inv_std
             if gamma is None:
                 np.add(xhat, beta, out=y)
             else:
                 np.multiply(xhat, gamma, out=y)
                 y += beta
-        split_batch(normalize, centred, y)
+        split_batch(scale_and_shift, centred, y)
         if self.training:
             self.xhat, self.inv_std = centred, inv_std
         return nchw_view(y.reshape(xh.shape))

@@ -1311,3 +1311,309 @@ def test_thin_matmul_equals_the_plain_product(monkeypatch, shapes):
     product = cnn.thin_matmul(a, b)
     assert product.shape == (a.shape[0], b.shape[1]) and product.dtype == np.float32
     assert np.allclose(product, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the three parts
+
+
+def part_of_each_top_level_name():
+    """{name: part number} for everything cnn.py defines at module level, and
+    [(part, node)] of its top-level statements, from the 'Part I/II/III' headings."""
+    import ast
+    source = open(os.path.join(HERE, "cnn.py")).read()
+    lines = source.splitlines()
+    starts = {part: next(i + 1 for i, line in enumerate(lines) if line.startswith(f"# Part {part},"))
+              for part in ("I", "II", "III")}
+    number = {"I": 1, "II": 2, "III": 3}
+
+    def part_at(line):
+        return max((number[p] for p, start in starts.items() if line >= start), default=0)
+
+    tree = ast.parse(source)
+    defined, statements = {}, []
+    for node in tree.body:
+        part = part_at(node.lineno)
+        statements.append((part, node))
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            getattr(node, "targets", []) + ([node.target] if isinstance(node, ast.AnnAssign) else [])
+        for target in targets:
+            for name in ([target.name] if hasattr(target, "name") else
+                         [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]):
+                defined.setdefault(name, part)
+    return defined, statements, starts, len(lines)
+
+
+def test_each_part_uses_only_the_parts_before_it():
+    import ast
+    defined, statements, starts, total = part_of_each_top_level_name()
+    assert starts["I"] < starts["II"] < starts["III"]
+    wrong = []
+    for part, node in statements:
+        for name in ast.walk(node):
+            used = name.id if isinstance(name, ast.Name) else None
+            if used in defined and defined[used] > part and part > 0:
+                wrong.append(f"line {name.lineno}: Part {part} uses {used} (Part {defined[used]})")
+    assert wrong == []
+    part_one = [node for part, node in statements if part == 1]
+    # Part I: no threads, no ctypes, no module-level state beyond constants and definitions
+    text = open(os.path.join(HERE, "cnn.py")).read().splitlines()[starts["I"]:starts["II"]]
+    assert not any(word in line for line in text for word in ("threading", "ctypes", "multiprocessing", "global "))
+    assert all(isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Expr)) for node in part_one)
+    # the first part is a textbook: under about 900 lines, no class over about 100
+    assert starts["II"] - starts["I"] < 950
+    assert max(node.end_lineno - node.lineno for node in part_one if isinstance(node, ast.ClassDef)) < 130
+
+
+def test_part_one_alone_trains_a_small_network(tmp_path):
+    # cnn.py cut before Part II: the textbook runs on its own (impl="fast" falls back to plain)
+    source = open(os.path.join(HERE, "cnn.py")).read()
+    cut = source.index("# ======================================================================================\n# Part II,")
+    (tmp_path / "textbook.py").write_text(source[:cut])
+    code = """
+import numpy as np, textbook as t
+rng = np.random.default_rng(0)
+x = rng.standard_normal((16, 1, 8, 8)); y = np.arange(16) % 4
+model = t.Sequential(t.Conv2D(1, 6, 3, padding=1, dtype=np.float64, rng=rng), t.BatchNorm2D(6, dtype=np.float64),
+                     t.GELU(), t.MaxPool2D(2), t.Flatten(), t.Dense(96, 4, dtype=np.float64, rng=rng))
+assert type(model.layers[0]) is t.Conv2D and model.layers[0].impl == "fast"
+loss_fn, opt = t.SoftmaxCrossEntropy(), t.Adam(model.parameters(), 0.01)
+first = loss_fn.forward(model(x), y)
+for _ in range(100):
+    loss = loss_fn.forward(model(x), y); model.backward(loss_fn.backward()); opt.step()
+print(first, loss)
+assert first > 1.0 and loss < 0.05
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def reference_conv(fast):
+    """A Part I (plain) copy of a fast Conv2D, sharing its parameters."""
+    plain = cnn.Conv2D(fast.in_channels, fast.out_channels, (fast.kh, fast.kw), fast.stride, fast.padding,
+                       impl="plain", dtype=fast.params["W"].dtype)
+    plain.params = {k: v.copy() for k, v in fast.params.items()}
+    return plain
+
+
+# (C, F, channels-last input, pool): every layout and dx route, with and without fused pooling
+VARIANTS = [(1, 4, False, None, "channel-major", "sum of taps"), (3, 12, False, None, "rows", "sum of taps"),
+            (4, 3, True, None, "channels-last", "convolution"), (6, 9, True, None, "channels-last", "sum of taps"),
+            (2, 5, False, 2, "channel-major", "sum of taps"), (3, 9, False, 2, "rows", "sum of taps"),
+            (9, 4, True, 2, "channels-last", "convolution"), (10, 2, False, 3, "channels-last", "convolution")]
+
+
+@pytest.mark.parametrize("c,f,channels_last,k,layout,route", VARIANTS)
+def test_fast_conv_variants(c, f, channels_last, k, layout, route):
+    """Each variant of the fast convolution named at the top of Part II gives Part I's
+    numbers: forward, dW, db and dx, alone or with the max pooling fused into it."""
+    rng = np.random.default_rng(50)
+    fast = cnn.Conv2D(c, f, 3, stride=1, padding=1, dtype=np.float64, rng=rng)
+    fast.params["b"][:] = rng.standard_normal(f)
+    plain = reference_conv(fast)
+    x = rng.standard_normal((3, c, 9, 8))
+    if channels_last:
+        x = cnn.nchw_view(cnn.nhwc(x))
+    assert fast.layout(x) == layout and fast.dx_route() == route
+    pool_fast, pool_plain = (cnn.MaxPool2D(k), cnn.MaxPool2D(k, impl="plain")) if k else (None, None)
+    net_fast = cnn.Sequential(*[layer for layer in (fast, pool_fast) if layer])
+    net_plain = cnn.Sequential(*[layer for layer in (plain, pool_plain) if layer], impl="plain")
+    assert list(net_fast.fused_pools()) == ([0] if k else [])
+    y_fast, y_plain = net_fast(x), net_plain(x)
+    g = rng.standard_normal(y_plain.shape)
+    dx_fast, dx_plain = net_fast.backward(g, input_grad=True), net_plain.backward(g, input_grad=True)
+    assert rel_error(y_fast, y_plain) < 1e-12 and rel_error(dx_fast, dx_plain) < 1e-12
+    for key in plain.grads:
+        assert rel_error(fast.grads[key], plain.grads[key]) < 1e-12, key
+
+
+# --------------------------------------------------------------------------- safe to embed
+
+
+def test_importing_cnn_changes_nothing_outside_the_module():
+    code = """
+import os, sys, threading
+env, threads = dict(os.environ), threading.active_count()
+import cnn
+assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())
+assert threading.active_count() == threads
+assert "PIL" not in sys.modules
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_THREAD")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def embedding_models():
+    """A split model, a model with BatchNorm (run whole), and their input and labels."""
+    rng = np.random.default_rng(60)
+    split = small_model(rng)
+    whole = cnn.Sequential(cnn.Conv2D(3, 16, 3, padding=1, bias=False, rng=rng), cnn.BatchNorm2D(16), cnn.GELU(),
+                           cnn.MaxPool2D(2), cnn.Conv2D(16, 8, 3, rng=rng), cnn.ReLU(), cnn.Flatten(),
+                           cnn.Dense(8 * 2 * 2, 3, rng=rng))
+    x = rng.standard_normal((24, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 24)
+    return [split, whole], x, y
+
+
+def run_model(model, x, y, steps=3):
+    """Training steps (SGD) then a prediction: every number they produce."""
+    loss_fn = cnn.SoftmaxCrossEntropy()
+    optimizer = cnn.SGD(model.parameters(), 0.05, momentum=0.9)
+    out = []
+    for _ in range(steps):
+        model.train()
+        loss, logits = cnn.train_step(model, loss_fn, x, y)
+        optimizer.step()
+        out += [loss, logits.copy()]
+    return out + [model.predict(x)] + [a.copy() for a in model.state_arrays().values()]
+
+
+def test_models_in_several_threads_at_once_give_each_ones_numbers_alone():
+    import copy
+    models, x, y = embedding_models()
+    alone = [run_model(copy.deepcopy(m), x, y) for m in models]
+    blas_before = cnn.blas_threads(None)
+    for attempt in range(3):
+        copies = [copy.deepcopy(m) for m in models for _ in range(2)]  # two of each, four threads
+        results, errors = [None] * len(copies), []
+        barrier = threading.Barrier(len(copies))
+
+        def work(i):
+            try:
+                barrier.wait()
+                results[i] = run_model(copies[i], x, y)
+            except BaseException as e:  # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(copies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a thread hangs"
+        assert errors == []
+        for i, result in enumerate(results):
+            expected = alone[i // 2]
+            assert len(result) == len(expected)
+            for a, b in zip(result, expected):
+                assert np.array_equal(a, b)
+    assert cnn.blas_threads(None) == blas_before
+
+
+def test_a_process_forked_after_a_layer_ran_can_run_layers():
+    import multiprocessing
+    models, x, y = embedding_models()
+    for model in models:
+        run_model(model, x, y, steps=1)  # the helper threads and OpenBLAS settings now exist
+    expected = [m.predict(x) for m in models]
+    queue = multiprocessing.get_context("fork").Queue()
+
+    def child():
+        queue.put([m.predict(x) for m in models] + [run_model(models[0], x, y, steps=1)[0]])
+    process = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    process.start()
+    process.join(60)
+    if process.is_alive():
+        process.kill()
+    assert process.exitcode == 0, "the child hung or failed"
+    got = queue.get(timeout=5)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected)) and math.isfinite(got[-1])
+
+
+def test_openblas_thread_count_is_restored_after_every_call():
+    before = cnn.blas_threads(None)
+    if before is None:
+        pytest.skip("NumPy here is not built on OpenBLAS")
+    models, x, y = embedding_models()
+    for model in models:
+        run_model(model, x, y, steps=1)
+        assert cnn.blas_threads(None) == before
+        with pytest.raises(ValueError, match="out of range"):
+            cnn.train_step(model, cnn.SoftmaxCrossEntropy(), x, np.full(24, 9))
+        assert cnn.blas_threads(None) == before
+    cnn.blas_threads(1)  # whatever the caller chose is what it finds afterwards
+    try:
+        models[0].predict(x)
+        assert cnn.blas_threads(None) == 1
+    finally:
+        cnn.blas_threads(before)
+
+
+def test_work_arrays_do_not_grow_with_the_number_of_caller_threads():
+    import tracemalloc
+    model = cnn.Sequential(cnn.Conv2D(16, 32, 3, padding=1), cnn.ReLU(), cnn.Flatten(),
+                           cnn.Dense(32 * 16 * 16, 2))
+    x = np.random.default_rng(61).standard_normal((8, 16, 16, 16)).astype(np.float32)
+    x = cnn.nchw_view(cnn.nhwc(x))  # channels-last: the conv uses this thread's work arrays
+
+    def in_new_thread():
+        t = threading.Thread(target=lambda: model.predict(x))
+        t.start()
+        t.join()
+    in_new_thread()
+    tracemalloc.start()
+    try:
+        in_new_thread()
+        after_one = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            in_new_thread()
+        after_many = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after_many - after_one < 200_000  # one im2col piece alone is about 1 MB
+
+
+def test_cores_1_turns_the_engines_own_parallelism_off(monkeypatch):
+    calls = spy_on_in_parallel(monkeypatch)
+    monkeypatch.setattr(cnn, "CORES", 1)
+    monkeypatch.setattr(cnn, "SPLIT_MIN", 0)
+    monkeypatch.setattr(cnn, "CHUNK_BYTES", 1)
+    threads = threading.active_count()
+    models, x, y = embedding_models()
+    for model in models:
+        run_model(model, x, y, steps=1)
+        assert not cnn.TwinProcess.usable(model)
+    assert all(parts == 1 for parts in calls) and threading.active_count() == threads
+
+
+def test_only_the_training_loop_starts_a_twin_process(monkeypatch, tmp_path):
+    import multiprocessing
+    starts = []
+    real_start = cnn.TwinProcess._start
+    monkeypatch.setattr(cnn.TwinProcess, "_start", lambda twin, x, y: (starts.append(1), real_start(twin, x, y)))
+    models, x, y = embedding_models()
+    for model in models:
+        run_model(model, x, y, steps=2)  # layers, Sequential, train_step and predict
+    assert starts == [] and multiprocessing.active_children() == []
+    if cnn.TwinProcess.usable(models[0]):
+        images = np.random.default_rng(62).integers(0, 256, (40, 3, 8, 8)).astype(np.uint8)
+        labels = np.arange(40) % 3
+        mean, std = np.full(3, 120, np.float32), np.full(3, 60, np.float32)
+        cnn.fit(models[0], cnn.SoftmaxCrossEntropy(), cnn.SGD(models[0].parameters(), 0.05), cnn.constant_lr(0.05),
+                (images, labels), (images[:0], labels[:0]), mean, std, epochs=2, batch_size=16, log=lambda s: None)
+        assert starts == [1, 1]  # one for each epoch, ended with it
+        assert multiprocessing.active_children() == []
+
+
+def test_bench_runs_with_cnn_py_alone(tmp_path):
+    import shutil
+    shutil.copy(os.path.join(HERE, "cnn.py"), tmp_path)
+    result = subprocess.run([sys.executable, "cnn.py", "bench", "--quick"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("net1", "net2", "fashion", "net3", "net4"):
+        assert f"  {name} " in result.stdout
+    assert "Conv2D(24, 64, (3, 3)" in result.stdout and "bench took" in result.stdout
+
+
+def test_readme_example_runs(tmp_path):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme[readme.index("## Use the layers in your own code"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    assert 12 <= len(code.strip().splitlines()) <= 25
+    write_mnist(str(tmp_path / "data" / "mnist"), n_train=640, n_test=100)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=HERE), timeout=120)
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.strip().splitlines()[-1].split()[-1])
+    assert accuracy > 0.8  # the generated digits are bars whose place is the label
