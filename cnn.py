@@ -71,6 +71,12 @@ class HasFastVersion:
     def __getnewargs_ex__(self):  # copies and pickles keep the class they have
         return (), {"impl": self.impl}
 
+    @property
+    def name(self):
+        """The class name in Part I ("Conv2D" for a fast Conv2D too)."""
+        cls = type(self)
+        return cls.__base__.__name__ if cls.fast else cls.__name__
+
 
 class Layer(HasFastVersion):
     """What every layer has: `params` and `grads` (dicts with the same keys), a
@@ -89,12 +95,6 @@ class Layer(HasFastVersion):
             raise ValueError(f"{type(self).__name__}: impl must be one of {self.impls}, got {impl!r}")
         self.impl, self.params, self.grads = impl, {}, {}
         self.output_shape = None  # of the last training-mode forward, for backward's check
-
-    @property
-    def name(self):
-        """The layer's class name in Part I ("Conv2D" for a fast Conv2D too)."""
-        cls = type(self)
-        return cls.__base__.__name__ if cls.fast else cls.__name__
 
     def __repr__(self):
         return f"{self.name}()"
@@ -610,13 +610,14 @@ class SoftmaxCrossEntropy:
 
 def checked_parameters(owner, params):
     """params as a list of (name, layer, key), or a TypeError saying what is expected."""
-    params = list(params)
+    expected = f"{owner}: expects model.parameters(), a list of (name, layer, key)"
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"{expected}; got {getattr(params, 'name', type(params).__name__)}")
     for entry in params:
         if not (isinstance(entry, tuple) and len(entry) == 3 and isinstance(getattr(entry[1], "params", None), dict)
                 and entry[2] in entry[1].params):
-            raise TypeError(f"{owner}: expects model.parameters(), a list of (name, layer, key); "
-                            f"got an item of type {type(entry).__name__}")
-    return params
+            raise TypeError(f"{expected}; got an item of type {type(entry).__name__}")
+    return list(params)
 
 
 class SGD:
@@ -3111,10 +3112,9 @@ def image_to_input(path, channels, height, width):
                                     f"decode (at most {MAX_IMAGE_PIXELS:,} pixels)")
                 picture = picture.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
                 pixels = np.asarray(picture, np.uint8)
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        if isinstance(e, DataError):
-            raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: too large to decode ({e})") from None
+    except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: cannot read this image ({e})") from None
     if channels == 1:
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -3220,8 +3220,6 @@ def run_script(args, *, name, title, dataset, build, recipe):
     train_set = (train_images[:n_train], train_labels[:n_train])
     val_set = (train_images[n_train:], train_labels[n_train:])
     mean, std = channel_stats(train_set[0])
-    print(f"{title}: {n_train} training, {n_val} validation, {len(test_images)} test images "
-          f"from {folder}", file=sys.stderr)
 
     if "init" in recipe:
         recipe["init"](model, normalize(np.asarray(train_set[0][:5000]), mean, std))
@@ -3248,6 +3246,9 @@ def run_script(args, *, name, title, dataset, build, recipe):
         position, history = stored.get("position"), stored.get("history", [])
         if not isinstance(position, dict) or not isinstance(history, list):
             fail(f"{checkpoint}: damaged checkpoint (no training position)")
+    print(f"{title}: {n_train} training, {n_val} validation, {len(test_images)} test images "
+          f"from {folder}", file=sys.stderr)
+    if position:
         where = f", step {position['batch']} of epoch {position['epoch'] + 1}" if position["batch"] else ""
         print(f"resuming from {checkpoint} after epoch {position['epoch']}{where}", file=sys.stderr)
     augment = {k: recipe[k] for k in ("crop", "flip", "pad_mode") if k in recipe}

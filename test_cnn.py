@@ -1617,3 +1617,270 @@ def test_readme_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     accuracy = float(result.stdout.strip().splitlines()[-1].split()[-1])
     assert accuracy > 0.8  # the generated digits are bars whose place is the label
+
+
+# --------------------------------------------------------------------------- every input checked
+
+
+def test_the_loss_checks_its_labels():
+    loss_fn, logits = cnn.SoftmaxCrossEntropy(), np.zeros((3, 4), np.float32)
+    for labels, message in [(np.array([[0], [1], [2]]), r"labels must be 1-D integers, got int64 \(3, 1\)"),
+                            (np.array([0.0, 1.0, 2.0]), "labels must be 1-D integers, got float64"),
+                            (np.array([0, 1]), "2 labels for 3 rows of logits"),
+                            (np.array([0, -1, 2]), r"label -1 out of range for 4 classes \(0..3\)"),
+                            (np.array([0, 4, 2]), "label 4 out of range for 4 classes")]:
+        with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy\(label_smoothing=0.0\): " + message):
+            loss_fn.forward(logits, labels)
+    assert loss_fn.forward(logits, np.array([0, 3, 2], np.uint8)) == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize("impl", ["plain", "fast"])
+def test_backward_needs_a_training_forward_and_a_gradient_of_the_output_shape(impl):
+    rng = np.random.default_rng(70)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    for layer in [cnn.Conv2D(3, 4, 3, impl=impl), cnn.MaxPool2D(2, impl=impl), cnn.ReLU(impl=impl),
+                  cnn.GELU(impl=impl), cnn.BatchNorm2D(3, impl=impl), cnn.Flatten(impl=impl)]:
+        with pytest.raises(RuntimeError, match=rf"{re_escape(layer)}: backward\(\) needs a forward\(\) in training mode first"):
+            layer.backward(np.zeros((2, 3, 6, 6), np.float32))
+        y = layer.forward(x)
+        layer.training = False
+        layer.forward(x)  # evaluation mode keeps nothing: backward would use an older batch
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            layer.backward(np.zeros_like(y))
+        layer.training = True
+        layer.forward(x)
+        with pytest.raises(ValueError, match=rf"{re_escape(layer)}: gradient of shape \(1, 2\), but the last output "
+                                             rf"had shape {re_escape(y.shape)}"):
+            layer.backward(np.zeros((1, 2), np.float32))
+        assert layer.backward(np.ones_like(y)).shape == x.shape
+
+
+def re_escape(value):
+    import re
+    return re.escape(repr(value) if not isinstance(value, tuple) else str(value))
+
+
+def test_integer_input_is_refused_by_every_layer():
+    x = np.zeros((2, 3, 6, 6), np.uint8)
+    layers = [cnn.Conv2D(3, 4, 3), cnn.Conv2D(3, 16, 3, impl="plain"), cnn.Conv2D(3, 4, 3, impl="loop"),
+              cnn.MaxPool2D(2), cnn.MaxPool2D(2, impl="loop"), cnn.ReLU(), cnn.GELU(), cnn.BatchNorm2D(3),
+              cnn.Flatten(), cnn.GlobalMaxPool2D(), cnn.Scale(2.0), cnn.Dense(108, 2)]
+    for layer in layers:
+        given = x.reshape(2, -1) if isinstance(layer, cnn.Dense) else x
+        with pytest.raises(TypeError, match=rf"{re_escape(layer)}: input must be floating-point, got uint8 "
+                                            r"\(normalize integer images first"):
+            layer.forward(given)
+    with pytest.raises(TypeError, match="got int64"):
+        cnn.Sequential(cnn.Conv2D(1, 2, 3)).predict(np.zeros((1, 1, 5, 5), np.int64))
+
+
+def test_optimizers_take_model_parameters():
+    model = cnn.Sequential(cnn.Dense(3, 2))
+    for make in (lambda p: cnn.SGD(p, 0.1), lambda p: cnn.Adam(p)):
+        make(model.parameters())
+        for wrong, kind in [([model.layers[0].params["W"]], "an item of type ndarray"), (model, "Sequential"),
+                            ([("W", 1)], "an item of type tuple")]:
+            with pytest.raises(TypeError, match=r"(SGD|Adam): expects model.parameters\(\), a list of "
+                                                rf"\(name, layer, key\); got {kind}$"):
+                make(wrong)
+
+
+def make_checkpoint(folder, net=2):
+    """A model.npz for train_mnist.py --net NET, as training writes it."""
+    os.makedirs(folder, exist_ok=True)
+    model = cnn.mnist_network(net, rng=np.random.default_rng(0))
+    meta = dict(mean=[33.0], std=[60.0], classes=[str(i) for i in range(10)], input_shape=[1, 28, 28],
+                position=cnn.new_position(1), history=[], options={})
+    cnn.save_checkpoint(os.path.join(folder, "model.npz"), model,
+                        cnn.SGD(model.parameters(), 0.1, momentum=0.9), meta)
+    return os.path.join(folder, "model.npz")
+
+
+def one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def test_damaged_or_foreign_model_files_are_one_line_for_predict_and_resume(tmp_path):
+    data = tmp_path / "data"
+    write_mnist(str(data), n_train=120, n_test=20)
+    good = make_checkpoint(str(tmp_path / "good"))
+    content = open(good, "rb").read()
+    cases = {"truncated": content[:len(content) // 2], "not a zip": b"this is not a model file\n"}
+    for name, data_bytes in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.npz").write_bytes(data_bytes)
+    (tmp_path / "pickled").mkdir()
+    np.savez(tmp_path / "pickled" / "model.npz", **{"model/0.Conv2D.W": np.array([{"x": 1}], dtype=object)})
+    (tmp_path / "text").mkdir()
+    np.savez(tmp_path / "text" / "model.npz", **{"model/0.Conv2D.W": np.array(["abc"])})
+    make_checkpoint(str(tmp_path / "net1"), net=1)
+    (tmp_path / "digit.png").write_bytes(png_bytes(np.zeros((28, 28), np.uint8)))
+    expected = {"truncated": "damaged or not a model file", "not a zip": "damaged or not a model file",
+                "pickled": "Object arrays cannot be loaded", "text": "holds <U3, not numbers",
+                "net1": "made for another network", "missing": "no checkpoint here"}
+    for name, words in expected.items():
+        path = str(tmp_path / name / "model.npz")
+        common = ["--net", "2", "--out", str(tmp_path / name)]
+        one_line_error(run("train_mnist.py", *common, "--predict", str(tmp_path / "digit.png")), path, words)
+        one_line_error(run("train_mnist.py", *common, "--resume", "--data-dir", str(data), "--limit", "100"),
+                       path, words)
+
+
+def png_bytes(pixels):
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predict_reports_each_bad_image_after_the_good_ones(tmp_path):
+    import struct
+    import zlib
+    out = tmp_path / "out"
+    make_checkpoint(str(out))
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(np.full((40, 30), 255, np.uint8)))
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    huge = bytearray(png_bytes(np.zeros((8, 8), np.uint8)))  # a header claiming 6000 x 6000 pixels
+    huge[16:24] = struct.pack(">II", 6000, 6000)
+    huge[29:33] = struct.pack(">I", zlib.crc32(bytes(huge[12:29])))
+    (tmp_path / "huge.png").write_bytes(bytes(huge))
+    files = [str(tmp_path / "missing.png"), str(good), str(garbage), str(tmp_path / "huge.png")]
+    result = run("train_mnist.py", "--net", "2", "--out", str(out), "--predict", *files)
+    assert result.returncode == 2
+    assert result.stdout.strip().splitlines()[0].startswith(str(good) + ": ")  # the good one is printed
+    errors = result.stderr.strip().splitlines()
+    assert errors[0] == f"error: {tmp_path / 'missing.png'}: file not found"
+    assert errors[1].startswith(f"error: {garbage}: cannot read this image")
+    assert errors[2] == f"error: {tmp_path / 'huge.png'}: 6000 x 6000 pixels, too large to decode (at most 33,554,432 pixels)"
+    assert len(errors) == 3
+
+
+def test_the_output_folder_is_checked_before_any_data_is_loaded(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    result = run("train_mnist.py", "--out", str(taken), "--data-dir", str(tmp_path / "no-data-here"))
+    one_line_error(result, f"--out {taken}: is a file, not a folder")
+
+
+def test_images_of_the_wrong_size_are_refused_when_they_load(tmp_path):
+    data = tmp_path / "data"
+    write_mnist(str(data), n_train=50, n_test=10)
+    cnn.write_idx(str(data / "train-images-idx3-ubyte.gz"), np.zeros((50, 32, 32), np.uint8))
+    with pytest.raises(cnn.DataError, match=r"train-images-idx3-ubyte.gz: expected 28 x 28 images \(MNIST format\), got 32 x 32"):
+        cnn.load_mnist(str(data), "train")
+    result = run("train_mnist.py", "--data-dir", str(data), "--out", str(tmp_path / "out"))
+    one_line_error(result, "expected 28 x 28 images")
+
+
+# --------------------------------------------------------------------------- exact resume
+
+INTERRUPTING_RUN = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import cnn, train_mnist
+at_step, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
+real, count = cnn.train_step, [0]
+def train_step(*args, **kwargs):  # a real signal to this process, in the middle of a step
+    count[0] += 1
+    if count[0] == at_step:
+        os.kill(os.getpid(), sig)
+    return real(*args, **kwargs)
+cnn.train_step = train_step
+train_mnist.main(sys.argv[3:])
+"""
+
+
+def interrupted(at_step, signal_name, *args):
+    code = INTERRUPTING_RUN.format(here=HERE)
+    return subprocess.run([sys.executable, "-c", code, str(at_step), signal_name, *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def everything_saved(out):
+    with np.load(out / "model.npz") as f:
+        arrays = {k: f[k] for k in f.files if k != "meta"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in metrics["history"]]
+    return arrays, history, metrics["test_loss"], metrics["test_accuracy"]
+
+
+def assert_same_run(a, b):
+    arrays_a, *rest_a = a
+    arrays_b, *rest_b = b
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for key in arrays_a:
+        assert np.array_equal(arrays_a[key], arrays_b[key]), key
+    assert rest_a == rest_b
+
+
+@pytest.mark.parametrize("signal_name,at_step", [("SIGINT", 17), ("SIGKILL", 30)])
+def test_an_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, signal_name, at_step):
+    # 180 training images in batches of 16: 12 steps an epoch.  Ctrl-C in step 17
+    # (epoch 2) saves the exact position; SIGKILL in step 30 (epoch 3) leaves the
+    # checkpoint of the end of epoch 2.
+    data = tmp_path / "data"
+    write_mnist(str(data), n_train=300, n_test=60)
+    common = ["--net", "2", "--data-dir", str(data), "--limit", "200", "--batch-size", "16", "--epochs", "3"]
+    whole = run("train_mnist.py", *common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = str(tmp_path / "cut")
+    first = interrupted(at_step, signal_name, *common, "--out", out)
+    if signal_name == "SIGINT":
+        assert first.returncode == 130 and "interrupted: saved" in first.stderr, first.stderr
+        position = cnn.load_checkpoint(os.path.join(out, "model.npz"), cnn.mnist_network(2))["position"]
+        assert (position["epoch"], position["batch"], position["seen"]) == (1, 5, 80)
+        expected = "after epoch 1, step 5 of epoch 2"
+    else:
+        assert first.returncode == -9 and "epoch   2/3" in first.stdout and "epoch   3/3" not in first.stdout
+        expected = "after epoch 2"
+    resumed = run("train_mnist.py", *common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out}/model.npz {expected}" in resumed.stderr
+    assert_same_run(everything_saved(tmp_path / "whole"), everything_saved(tmp_path / "cut"))
+
+
+def test_fit_with_adam_and_lookahead_resumes_exactly_after_ctrl_c(tmp_path):
+    import signal
+    rng = np.random.default_rng(80)
+    images = rng.integers(0, 256, (60, 3, 8, 8)).astype(np.uint8)
+    labels = np.arange(60) % 3
+    mean, std = cnn.channel_stats(images)
+    augment = dict(crop=2, flip="random")
+
+    def setup():
+        model = small_model(np.random.default_rng(81))
+        optimizer = cnn.Lookahead(cnn.Adam(model.parameters(), 0.01), model, total_steps=3 * 4, every=2)
+        return model, optimizer
+
+    def train(model, optimizer, schedule, checkpoint, **kwargs):
+        return cnn.fit(model, cnn.SoftmaxCrossEntropy(0.1), optimizer, schedule, (images, labels),
+                       (images[:10], labels[:10]), mean, std, epochs=3, batch_size=16, seed=5, augment=augment,
+                       checkpoint=str(checkpoint), log=lambda line: None, **kwargs)
+
+    model, optimizer = setup()
+    history = train(model, optimizer, cnn.cosine_lr(0.01, 12), tmp_path / "whole.npz")
+    whole = [a.copy() for a in model.state_arrays().values()]
+
+    def ctrl_c_in_step_6(step):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return cnn.cosine_lr(0.01, 12)(step)
+    model, optimizer = setup()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, optimizer, ctrl_c_in_step_6, tmp_path / "cut.npz")
+    model, optimizer = setup()
+    meta = cnn.load_checkpoint(str(tmp_path / "cut.npz"), model, optimizer)
+    assert meta["position"]["epoch"] == 1 and meta["position"]["batch"] == 3 and optimizer.t == 7
+    resumed = train(model, optimizer, cnn.cosine_lr(0.01, 12), tmp_path / "cut.npz",
+                    position=meta["position"], history=meta["history"])
+    assert [a for a in model.state_arrays().values()] and all(
+        np.array_equal(a, b) for a, b in zip(model.state_arrays().values(), whole))
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed] == strip
