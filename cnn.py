@@ -2082,7 +2082,7 @@ class TwinProcess:
         while True:
             try:
                 pipe.recv_bytes()
-            except EOFError:
+            except (EOFError, OSError):  # the parent closed the pipe, or died
                 return
             n, rows = int(self.numbers[0]), int(self.numbers[1])
             error = b""
