@@ -1884,3 +1884,18 @@ def test_fit_with_adam_and_lookahead_resumes_exactly_after_ctrl_c(tmp_path):
         np.array_equal(a, b) for a, b in zip(model.state_arrays().values(), whole))
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in history]
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed] == strip
+
+
+def test_im2col_is_the_textbook_matrix_and_col2im_its_adjoint():
+    x = np.arange(2 * 2 * 3 * 3, dtype=np.float64).reshape(2, 2, 3, 3)
+    cols = cnn.im2col(x, 2, 2)
+    assert cols.shape == (2 * 2 * 2, 2 * 2 * 2)
+    # row (n=0, i=0, j=1): channel 0's window [[1, 2], [4, 5]], then channel 1's [[10, 11], [13, 14]]
+    assert cols[1].tolist() == [1, 2, 4, 5, 10, 11, 13, 14]
+    rng = np.random.default_rng(90)
+    for stride, padding in [(1, 0), (2, 1), (1, 2)]:
+        x = rng.standard_normal((2, 3, 7, 6))
+        cols = cnn.im2col(x, 3, 2, stride, padding)
+        c = rng.standard_normal(cols.shape)
+        # <im2col(x), c> = <x, col2im(c)>: col2im is the adjoint (transpose) of im2col
+        assert np.sum(cols * c) == pytest.approx(np.sum(x * cnn.col2im(c, x.shape, 3, 2, stride, padding)), rel=1e-12)
