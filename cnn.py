@@ -770,18 +770,22 @@ def load_npz(path):
     """{name: array} of an .npz file of plain numeric arrays, or a DataError naming the
     file and the problem.  Never unpickles (an .npz can hold pickled objects, which
     could run code)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a model file (not an .npz archive: cut short, or another kind of file)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"{path}: damaged or not a model file ({type(e).__name__}: {e})") from None
-    if not isinstance(arrays, dict):
-        raise DataError(f"{path}: not a model file (a single array, not a set of named arrays)")
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise DataError(f"{path}: damaged model file (ValueError: {e})") from None
+        raise DataError(f"{path}: not a model file of ours (it holds pickled objects, which are never loaded)") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path}: damaged model file ({type(e).__name__}: {e})") from None
     for name, value in arrays.items():
         if value.dtype.kind not in "biuf":
-            raise DataError(f"{path}: not a model file ({name} holds {value.dtype}, not numbers)")
+            raise DataError(f"{path}: not a model file of ours ({name} holds {value.dtype}, not numbers)")
     return arrays
 
 

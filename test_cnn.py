@@ -1720,8 +1720,10 @@ def test_damaged_or_foreign_model_files_are_one_line_for_predict_and_resume(tmp_
     np.savez(tmp_path / "text" / "model.npz", **{"model/0.Conv2D.W": np.array(["abc"])})
     make_checkpoint(str(tmp_path / "net1"), net=1)
     (tmp_path / "digit.png").write_bytes(png_bytes(np.zeros((28, 28), np.uint8)))
-    expected = {"truncated": "damaged or not a model file", "not a zip": "damaged or not a model file",
-                "pickled": "Object arrays cannot be loaded", "text": "holds <U3, not numbers",
+    expected = {"truncated": "not a model file (not an .npz archive: cut short, or another kind of file)",
+                "not a zip": "not a model file (not an .npz archive",
+                "pickled": "not a model file of ours (it holds pickled objects, which are never loaded)",
+                "text": "not a model file of ours (model/0.Conv2D.W holds <U3, not numbers)",
                 "net1": "made for another network", "missing": "no checkpoint here"}
     for name, words in expected.items():
         path = str(tmp_path / name / "model.npz")
