@@ -92,7 +92,9 @@ class Layer(HasFastVersion):
 
     def __init__(self, impl="fast"):
         if impl not in self.impls:
-            raise ValueError(f"{type(self).__name__}: impl must be one of {self.impls}, got {impl!r}")
+            raise ValueError(f"{self.name}: impl must be one of {self.impls}, got {impl!r}")
+        if self.fast and impl != "fast":  # __new__ reads impl from the keywords only
+            raise TypeError(f"{self.name}: give impl as a keyword argument (impl={impl!r})")
         self.impl, self.params, self.grads = impl, {}, {}
         self.output_shape = None  # of the last training-mode forward, for backward's check
 

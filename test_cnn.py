@@ -148,8 +148,10 @@ def test_impl_picks_the_textbook_or_the_engine():
     import copy
     assert type(copy.deepcopy(layer)) is cnn.Conv2D and type(copy.copy(cnn.ReLU())) is cnn.FastReLU
     assert cnn.Sequential(cnn.Conv2D(1, 2, 3)).parameters()[0][0] == "0.Conv2D.W"
-    with pytest.raises(ValueError, match="impl must be one of"):
+    with pytest.raises(ValueError, match=r"ReLU: impl must be one of \('plain', 'fast'\), got 'loop'"):
         cnn.ReLU(impl="loop")
+    with pytest.raises(TypeError, match=r"Conv2D: give impl as a keyword argument \(impl='loop'\)"):
+        cnn.Conv2D(1, 2, 3, 1, 0, "loop")
 
 
 @pytest.mark.parametrize("make", [lambda rng, impl: cnn.ReLU(impl=impl), lambda rng, impl: cnn.GELU(impl=impl),
