@@ -3064,7 +3064,10 @@ def parse_options(description, recipes, argv=None):
     parser.error = fail  # one line "error: ...", exit code 2
     if nets != [None]:  # {None: recipe}: a script with a single network and no --net
         parser.add_argument("--net", type=int, choices=nets, default=nets[0])
-    recipe = recipes[parser.parse_known_args(argv)[0].net if nets != [None] else None]
+    first = argparse.ArgumentParser(add_help=False)  # --net alone, for the other defaults
+    first.error = fail
+    first.add_argument("--net", type=int, choices=nets, default=nets[0])
+    recipe = recipes[first.parse_known_args(argv)[0].net]
     parser.add_argument("--epochs", type=_positive(int), default=recipe["epochs"])
     parser.add_argument("--batch-size", type=_positive(int), default=recipe["batch_size"])
     parser.add_argument("--lr", type=_positive(float), default=recipe["lr"], help="peak learning rate")

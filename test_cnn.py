@@ -813,6 +813,8 @@ def test_bad_options_and_data_exit_2_with_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "\n" not in result.stderr.strip()
     result = run("train_mnist.py", "--lr", "-1")
     assert result.returncode == 2 and "must be positive" in result.stderr
+    result = run("train_cifar.py", "--net", "4", "--help")  # every option, with network 4's defaults
+    assert result.returncode == 0 and all(f"--{o}" in result.stdout for o in ("epochs", "resume", "predict", "impl"))
     result = run("train_mnist.py", "--out", str(tmp_path / "none"), "--predict", "x.png")
     assert result.returncode == 2 and "no checkpoint here" in result.stderr
 
