@@ -3161,15 +3161,17 @@ def predict_files(files, checkpoint, build):
 
 
 def check_output_folder(out):
-    """Make the output folder before any data is loaded, or say why it cannot be."""
+    """Say now, before any data is loaded, if the output folder cannot be used (it is
+    made only when training starts)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out}: is a file, not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot create this folder ({e.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out}: not writable")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: {existing} is not writable")
 
 
 def make_optimizer(model, recipe, args):
@@ -3262,6 +3264,7 @@ def run_script(args, *, name, title, dataset, build, recipe):
         where = f", step {position['batch']} of epoch {position['epoch'] + 1}" if position["batch"] else ""
         print(f"resuming from {checkpoint} after epoch {position['epoch']}{where}", file=sys.stderr)
     augment = {k: recipe[k] for k in ("crop", "flip", "pad_mode") if k in recipe}
+    os.makedirs(out, exist_ok=True)
     try:
         history = fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std,
                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

@@ -1773,6 +1773,11 @@ def test_the_output_folder_is_checked_before_any_data_is_loaded(tmp_path):
     taken.write_text("not a folder")
     result = run("train_mnist.py", "--out", str(taken), "--data-dir", str(tmp_path / "no-data-here"))
     one_line_error(result, f"--out {taken}: is a file, not a folder")
+    result = run("train_mnist.py", "--out", str(taken / "below"), "--data-dir", str(tmp_path / "no-data-here"))
+    one_line_error(result, f"--out {taken / 'below'}: {taken} is a file, not a folder")
+    result = run("train_mnist.py", "--out", str(tmp_path / "new" / "out"), "--data-dir", str(tmp_path / "no-data"))
+    one_line_error(result, "--data-dir")
+    assert not (tmp_path / "new").exists()  # a run that fails leaves no empty folder behind
 
 
 def test_images_of_the_wrong_size_are_refused_when_they_load(tmp_path):
