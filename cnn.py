@@ -129,9 +129,10 @@ class Layer(HasFastVersion):
             raise ValueError(f"{self!r}: gradient of shape {tuple(grad.shape)}, but the last "
                              f"output had shape {self.output_shape}")
 
-    def forward(self, x):
+    def forward(self, x, **options):
+        """options go to _forward (the fast convolution takes the pooling after it)."""
         x = self.check_input(x)
-        y = self._forward(x)
+        y = self._forward(x, **options)
         self.output_shape = y.shape if self.training else None
         return y
 
@@ -1494,16 +1495,13 @@ class FastConv2D(Conv2D):
         of its own call: a fast pool whose windows do not overlap."""
         return isinstance(pool, FastMaxPool2D) and pool.stride == pool.k
 
-    def forward(self, x, pool=None):
+    def _forward(self, x, pool=None):
         """pool: the MaxPool2D after this layer, run as part of this call where
-        fuses(pool) (FastSequential passes it): the result is then the pooled output,
-        and backward takes the gradient of that."""
-        x = self.check_input(x)
+        fuses(pool) (FastSequential passes it to forward): the result is then the
+        pooled output, and backward takes the gradient of that."""
         if pool is not None and not self.fuses(pool):
             raise ValueError(f"{self!r} cannot run {pool!r} as part of its forward pass")
-        y = self._forward_fast(x, pool)
-        self.output_shape = y.shape if self.training else None
-        return y
+        return self._forward_fast(x, pool)
 
     def _backward(self, grad, input_grad=True):
         return self._backward_fast(grad, input_grad)
