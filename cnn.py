@@ -55,48 +55,46 @@ import numpy as np
 # ======================================================================================
 
 
-class HasFastVersion:
-    """Base of the classes that Part II makes faster.  Each takes impl="fast" (the
-    default), "plain" or, for convolution and pooling, "loop".  impl="fast" builds the
-    subclass of the class that Part II defines for it (marked fast = True): the same
-    layer, with the same numbers up to float32 rounding.  Without Part II (this part
-    copied alone) "fast" builds the plain class."""
-    fast = False
-
-    def __new__(cls, *args, impl="fast", **kwargs):
-        if impl == "fast" and not cls.fast:
-            cls = next((sub for sub in cls.__subclasses__() if sub.fast), cls)
-        return super().__new__(cls)
-
-    def __getnewargs_ex__(self):  # copies and pickles keep the class they have
-        return (), {"impl": self.impl}
-
-    @property
-    def name(self):
-        """The class name in Part I ("Conv2D" for a fast Conv2D too)."""
-        cls = type(self)
-        return cls.__base__.__name__ if cls.fast else cls.__name__
-
-
-class Layer(HasFastVersion):
-    """What every layer has: `params` and `grads` (dicts with the same keys), a
-    `training` flag, forward(x) and backward(grad).
+class Layer:
+    """What every layer has: `params`, its arrays, and `grads`, which backward fills
+    with the gradient of each trained one under the same key; a `training` flag;
+    forward(x) and backward(grad).
 
     forward checks its input and runs the layer's _forward; in training mode the layer
     keeps what backward will need, in evaluation mode nothing.  backward checks that a
     training-mode forward came first and that grad has its output's shape, then runs
-    _backward, which returns dL/dx and leaves dL/dparams in grads."""
+    _backward, which returns dL/dx and leaves dL/dparams in grads.
+
+    impl says how the layer computes: "plain" (NumPy, as written in this part),
+    "loop" (Conv2D and MaxPool2D: the formula term by term), or "fast" (the version
+    that Part II registers in fast_versions: the same numbers, faster; without Part
+    II, "plain").  See to()."""
     impls = ("plain", "fast")
+    fast_versions = {}     # Part I class -> its Part II version; Part II fills it
+    is_fast = False        # True on Part II's versions
     training = True
-    buffer_names = ()  # arrays saved with the model that are not trained (running statistics)
+    trainable = True       # False: fixed parameters (no gradient, no update; see Conv2D)
+    lr_scale = 1.0         # multiplies the learning rate of this layer's gradient step
+    buffer_names = ()      # arrays saved with the model that are not trained (running statistics)
 
     def __init__(self, impl="fast"):
-        if impl not in self.impls:
-            raise ValueError(f"{self.name}: impl must be one of {self.impls}, got {impl!r}")
-        if self.fast and impl != "fast":  # __new__ reads impl from the keywords only
-            raise TypeError(f"{self.name}: give impl as a keyword argument (impl={impl!r})")
-        self.impl, self.params, self.grads = impl, {}, {}
+        self.params, self.grads = {}, {}
         self.output_shape = None  # of the last training-mode forward, for backward's check
+        self.to(impl)
+
+    @property
+    def textbook_class(self):
+        """The class of this part that this layer is, or whose fast version it is."""
+        return type(self).__base__ if self.is_fast else type(self)
+
+    @property
+    def name(self):
+        """The class name in Part I ("Conv2D" for a fast Conv2D too)."""
+        return self.textbook_class.__name__
+
+    def to(self, impl):
+        """Compute the way impl says from now on (the parameters stay); returns self."""
+        return put_in_form(self, impl)
 
     def __repr__(self):
         return f"{self.name}()"
@@ -115,7 +113,7 @@ class Layer(HasFastVersion):
             x = np.asarray(x)
         if x.dtype.kind != "f":
             raise TypeError(f"{self!r}: input must be floating-point, got {x.dtype} "
-                            f"(normalize integer images first, e.g. with cnn.normalize)")
+                            f"(convert integer images to float first, e.g. x / 255)")
         pattern = self.input_pattern()
         if pattern is not None and not shape_fits(x.shape, pattern):
             want = "(" + ", ".join(str(p) for p in pattern) + ")"
@@ -129,16 +127,33 @@ class Layer(HasFastVersion):
             raise ValueError(f"{self!r}: gradient of shape {tuple(grad.shape)}, but the last "
                              f"output had shape {self.output_shape}")
 
-    def forward(self, x, **options):
-        """options go to _forward (the fast convolution takes the pooling after it)."""
+    def forward(self, x):
         x = self.check_input(x)
-        y = self._forward(x, **options)
+        y = self._forward(x)
         self.output_shape = y.shape if self.training else None
         return y
 
-    def backward(self, grad):
+    def backward(self, grad, input_grad=True):
+        """dL/dx for grad = dL/dy; dL/dparams go to grads.  input_grad=False: the
+        caller needs no dL/dx (no layer before this one is trained) and gets None;
+        Conv2D then skips computing it."""
         self.check_grad(grad)
-        return self._backward(grad)
+        dx = self._backward(grad)
+        return dx if input_grad else None
+
+
+def put_in_form(obj, impl):
+    """A Layer or Sequential made to compute the way impl says, in place; returns it.
+    For "fast" the object becomes an instance of its class's fast version (found in
+    Layer.fast_versions), a subclass that replaces the textbook's methods with
+    faster ones; for the others, an instance of the textbook class again."""
+    if impl not in obj.impls:
+        raise ValueError(f"{obj.name}: impl must be one of {obj.impls}, got {impl!r}")
+    textbook = type(obj).__base__ if obj.is_fast else type(obj)
+    fast = Layer.fast_versions.get(textbook) if impl == "fast" else None
+    obj.__class__ = fast or textbook
+    obj.impl = "plain" if impl == "fast" and fast is None else impl
+    return obj
 
 
 def shape_fits(shape, pattern):
@@ -197,7 +212,8 @@ class Conv2D(Layer):
         y[n, f, i, j] = b[f] + sum over c, u, v of W[f, c, u, v] * xpad[n, c, i*s + u, j*s + v]
 
     impl="loop" computes exactly that with Python loops; impl="plain" as im2col and
-    one matrix multiply."""
+    one matrix multiply.  trainable = False fixes the weights (network 4's whitening
+    filters): backward then leaves no gradient for them."""
     impls = ("loop", "plain", "fast")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
@@ -209,7 +225,6 @@ class Conv2D(Layer):
         self.params["W"] = he_normal(rng, (out_channels, in_channels, kh, kw), in_channels * kh * kw, dtype)
         if bias:
             self.params["b"] = np.zeros(out_channels, dtype)
-        self.trainable = True  # False: fixed weights (no weight gradient, no update)
 
     def __repr__(self):
         return (f"Conv2D({self.in_channels}, {self.out_channels}, ({self.kh}, {self.kw}), "
@@ -229,8 +244,7 @@ class Conv2D(Layer):
         return x
 
     def backward(self, grad, input_grad=True):
-        """input_grad=False skips dL/dx (nothing before the first trained layer needs
-        it) and returns None."""
+        """As Layer.backward; input_grad=False skips computing dL/dx."""
         self.check_grad(grad)
         return self._backward(grad, input_grad)
 
@@ -545,11 +559,16 @@ class BatchNorm2D(Layer):
         return (gamma[:, None, None] * xhat + self.params["beta"][:, None, None]).astype(x.dtype, copy=False)
 
     def _backward(self, grad):
-        # With m = N*H*W values per channel, xhat = (x - mean) / sigma and
-        # y = gamma * xhat + beta, x reaches the loss three ways: through its own
-        # xhat, through the mean and through the variance.  Differentiating,
-        #   dxhat_i/dx_j = (delta_ij - 1/m) / sigma - xhat_i xhat_j / (m sigma)
-        # so, with gx = dL/dxhat = gamma * g,
+        # Per channel, over its m = N*H*W values: mu = mean(x), var = mean((x - mu)^2),
+        # sigma = sqrt(var + eps), xhat = (x - mu) / sigma, y = gamma * xhat + beta.
+        # So dL/dbeta = sum(g) and dL/dgamma = sum(g * xhat).  Each x_j reaches every
+        # xhat_i through mu and sigma as well as its own:
+        #   dmu/dx_j    = 1/m
+        #   dvar/dx_j   = 2 (x_j - mu) / m      (mu's own change adds 2 mean(x - mu) = 0)
+        #   dsigma/dx_j = dvar/dx_j / (2 sigma) = xhat_j / m
+        #   dxhat_i/dx_j = (delta_ij - 1/m) / sigma - (x_i - mu) / sigma^2 * dsigma/dx_j
+        #                = (delta_ij - 1/m) / sigma - xhat_i xhat_j / (m sigma)
+        # and with gx = dL/dxhat = gamma * g, summing gx_i dxhat_i/dx_j over i:
         #   dL/dx = (gx - mean(gx) - xhat * mean(gx * xhat)) / sigma.
         axes, xhat = (0, 2, 3), self.xhat
         self.grads["beta"] = grad.sum(axis=axes)
@@ -625,10 +644,10 @@ def checked_parameters(owner, params):
 
 class SGD:
     """p <- p - lr * v, with v = momentum * v + (g + weight_decay * p) (PyTorch's
-    convention); Nesterov uses g + momentum * v instead of v.  A layer's `lr_scale`
-    attribute multiplies the learning rate of its gradient term but not its weight
-    decay (the decay per step stays lr * weight_decay * p, as in the airbench recipe,
-    where BatchNorm shifts learn 64x faster without being decayed 64x harder)."""
+    convention); Nesterov uses g + momentum * v instead of v.  A layer's lr_scale
+    multiplies the learning rate of its gradient term but not its weight decay: the
+    decay per step stays lr * weight_decay * p, so a layer can learn faster without
+    being pulled to zero harder."""
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
         self.params, self.lr = checked_parameters("SGD", params), lr
@@ -638,7 +657,7 @@ class SGD:
     def step(self):
         for name, layer, key in self.params:
             p, g = layer.params[key], layer.grads[key]
-            scale = getattr(layer, "lr_scale", 1.0)
+            scale = layer.lr_scale
             if self.weight_decay:
                 g = g + (self.weight_decay / scale) * p
             lr = self.lr * scale
@@ -675,26 +694,26 @@ class Adam:
             v *= b2
             v += (1 - b2) * g * g
             m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
-            lr = self.lr * getattr(layer, "lr_scale", 1.0)
+            lr = self.lr * layer.lr_scale
             p -= (lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(p.dtype, copy=False)
 
 
 class Lookahead:
-    """Lookahead weight averaging (Zhang et al., 2019) as airbench uses it, wrapped
-    around another optimizer.  Every `every` steps the slow copy of the weights moves
-    toward the trained ("fast") ones, slow += (1 - d) * (fast - slow), and training
-    goes on from the slow weights.  d = decay * (t / total_steps)^3 is near 0 early
-    (no averaging while the weights still travel far) and grows to `decay` at the
-    end, smoothing out the noise of the last steps; after the last step the model
+    """Lookahead weight averaging (Zhang et al., 2019), wrapped around another
+    optimizer, with a decay that grows over the run.  Every `every` steps a slow copy
+    of the weights moves toward the trained ones, slow += (1 - d) * (weights - slow),
+    and training goes on from the slow copy.  d = decay * (t / total_steps)^3 is near
+    0 early (no averaging while the weights still travel far) and grows to `decay` at
+    the end, smoothing out the noise of the last steps; after the last step the model
     keeps the slow weights.  BatchNorm running statistics are averaged with the rest.
     The slow weights and the step count live in `state`, so checkpoints keep them."""
 
     def __init__(self, optimizer, model, total_steps, every=5, decay=0.95 ** 5):
         self.optimizer, self.total_steps, self.every, self.decay = optimizer, total_steps, every, decay
-        self.fast = {name: a for name, a in model.state_arrays().items() if a.dtype.kind == "f"}
+        self.weights = {name: a for name, a in model.state_arrays().items() if a.dtype.kind == "f"}
         self.state = optimizer.state
         self.state["lookahead.t"] = np.zeros((), np.int64)
-        for name, a in self.fast.items():
+        for name, a in self.weights.items():
             self.state["slow/" + name] = a.copy()
 
     @property
@@ -718,10 +737,10 @@ class Lookahead:
             self.pull(1.0)
 
     def pull(self, d):
-        for name, fast in self.fast.items():
+        for name, weights in self.weights.items():
             slow = self.state["slow/" + name]
-            slow += (1 - d) * (fast - slow)
-            fast[...] = slow
+            slow += (1 - d) * (weights - slow)
+            weights[...] = slow
 
 
 # A schedule maps the step number (0, 1, ..., total_steps - 1) to a learning rate.
@@ -760,13 +779,26 @@ class DataError(ValueError):
     the problem."""
 
 
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """A file to write path's new contents into: a temporary file beside path,
+    renamed to path when the block ends, removed if it ends with an error.  Readers
+    of path (and a run that crashes) see the old file or the whole new one, never
+    half a file."""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_npz(path, arrays):
-    """np.savez into a temporary file beside path, then rename: a crash never leaves
-    half a file under path."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    """np.savez, written atomically (atomic_write)."""
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def load_npz(path):
@@ -792,13 +824,25 @@ def load_npz(path):
     return arrays
 
 
-class Sequential(HasFastVersion):
-    """Layers applied in order.  backward() stops at the first layer with trained
-    parameters: nothing before it needs a gradient (the images never do), so that
-    layer's input gradient is skipped too, unless input_grad=True."""
+class Sequential:
+    """Layers applied in order.  impl puts every layer in that form (Layer.to; a layer
+    without a "loop" form runs "plain" in a "loop" model), and for "fast" the model
+    itself in the version Part II registers, which runs a convolution and the max
+    pooling after it in one call."""
+    impls = ("loop", "plain", "fast")
+    is_fast = False
+    name = "Sequential"
 
     def __init__(self, *layers, impl="fast"):
-        self.layers, self.impl = list(layers), impl
+        self.layers = list(layers)
+        self.to(impl)
+
+    def to(self, impl):
+        """Every layer and the model computing the way impl says; returns self."""
+        put_in_form(self, impl)
+        for layer in self.layers:
+            layer.to(impl if impl in layer.impls else "plain")
+        return self
 
     def __repr__(self):
         return "Sequential(\n" + "".join(f"  {layer!r},\n" for layer in self.layers) + ")"
@@ -813,17 +857,19 @@ class Sequential(HasFastVersion):
 
     def first_trained(self):
         """The index of the first layer whose parameters are trained (None if none
-        is): backward needs no input gradient below it."""
-        return next((i for i, layer in enumerate(self.layers)
-                     if layer.params and getattr(layer, "trainable", True)), None)
+        is): no gradient is needed below it."""
+        return next((i for i, layer in enumerate(self.layers) if layer.params and layer.trainable), None)
 
-    def backward(self, grad, input_grad=False):
+    def backward(self, grad, input_grad=True):
+        """dL/dx for grad = dL/d(output), every layer's parameter gradients left in
+        its grads.  input_grad=False: the caller needs no dL/dx (training does not:
+        the images are not trained), so backward stops at the first trained layer,
+        which skips its own input gradient, and returns None."""
         first = self.first_trained()
         stop = 0 if input_grad or first is None else first
         for layer in self.layers[:stop:-1]:
             grad = layer.backward(grad)
-        last = self.layers[stop]
-        return last.backward(grad, input_grad=input_grad) if isinstance(last, Conv2D) else last.backward(grad)
+        return self.layers[stop].backward(grad, input_grad=input_grad)
 
     def train(self):
         for layer in self.layers:
@@ -849,8 +895,7 @@ class Sequential(HasFastVersion):
     def parameters(self):
         """[(name, layer, key)] for every trained array, e.g. ("0.Conv2D.W", conv, "W")."""
         return [(f"{i}.{layer.name}.{key}", layer, key)
-                for i, layer in enumerate(self.layers) if getattr(layer, "trainable", True)
-                for key in layer.params]
+                for i, layer in enumerate(self.layers) if layer.trainable for key in layer.params]
 
     def state_arrays(self):
         """Every array that defines the model: parameters and buffers, by name."""
@@ -911,7 +956,8 @@ class Sequential(HasFastVersion):
 def numerical_gradient(f, x, eps=1e-6):
     """dF/dx by central differences, (f(x + eps) - f(x - eps)) / (2 eps), one element
     of x at a time.  f takes no argument and reads x, which is changed in place and
-    restored."""
+    restored.  x must be float64 for this eps: float32 keeps about 7 digits, so
+    x + 1e-6 rounds away most of the step and the difference is mostly rounding."""
     grad = np.zeros(x.shape, np.float64)
     for i in np.ndindex(x.shape):
         old = x[i]
@@ -924,29 +970,41 @@ def numerical_gradient(f, x, eps=1e-6):
     return grad
 
 
-# --- initialisers beyond He's ----------------------------------------------------------
-
-def whitening_filters(x, kernel_size=2, eps=5e-4):
-    """Filters (2 * C*k*k, C, k, k) that whiten the k x k patches of images x
-    (N, C, H, W): the eigenvectors of the patches' covariance, each scaled by
-    1 / sqrt(eigenvalue + eps), used with both signs (so a ReLU-like activation after
-    them loses nothing).  A convolution with them decorrelates neighbouring pixels and
-    channels, which makes the first epochs of training much more effective."""
-    c = x.shape[1]
-    patches = np.ascontiguousarray(im2col(np.asarray(x, np.float64), kernel_size, kernel_size).T)  # (C*k*k, M)
-    covariance = patches @ patches.T / patches.shape[1]
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    filters = (eigenvectors.T / np.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, kernel_size, kernel_size)
-    return np.concatenate([filters, -filters])
+def relative_error(a, b):
+    """max |a - b| / max (|a| + |b|), over all elements: 0 for equal arrays, about
+    1e-10 or less for a correct float64 gradient against central differences, near 1
+    for unrelated ones.  Scale-free, and not thrown by single tiny elements."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(a) + np.abs(b), initial=0.0), 1e-300))
 
 
-def dirac_init(conv):
-    """Make the first in_channels filters of conv pass their input channel through
-    unchanged (a 1 at the kernel's centre): the block starts close to the identity."""
-    W = conv.params["W"]
-    n = min(conv.in_channels, conv.out_channels)
-    W[:n] = 0
-    W[np.arange(n), np.arange(n), conv.kh // 2, conv.kw // 2] = 1
+def check_gradients(layer, x, seed=12345):
+    """{name: relative_error(backward's gradient, central differences)} for dL/dx
+    ("x") and every trained parameter of a Layer or a Sequential, with
+    L = sum(forward(x) * G) for a random G drawn with seed.  Runs on a float64 copy of the
+    layer (see numerical_gradient), in training mode; the layer itself is not
+    changed.  Below about 1e-7 the two agree; a wrong backward gives 1e-2 or more.
+    Works for any Layer subclass you write."""
+    net = copy.deepcopy(layer)
+    layers = net.layers if isinstance(net, Sequential) else [net]
+    for part in layers:
+        part.training = True
+        part.params = {key: value.astype(np.float64) for key, value in part.params.items()}
+        for name in part.buffer_names:
+            setattr(part, name, getattr(part, name).astype(np.float64))
+    x = np.asarray(x).astype(np.float64)                 # keeps x's memory layout
+    upstream = np.random.default_rng(seed).standard_normal(net.forward(x).shape)
+    dx = net.backward(upstream)
+    named = net.parameters() if isinstance(net, Sequential) else \
+        [(key, net, key) for key in net.params if net.trainable]
+    analytic = {"x": dx, **{name: part.grads[key].copy() for name, part, key in named}}
+
+    def loss():
+        return float(np.sum(net.forward(x) * upstream))
+
+    numeric = {"x": numerical_gradient(loss, x),
+               **{name: numerical_gradient(loss, part.params[key]) for name, part, key in named}}
+    return {name: relative_error(analytic[name], numeric[name]) for name in analytic}
 
 
 # ======================================================================================
@@ -1041,7 +1099,7 @@ def in_memory_order(x, order):
 
 def windows(x, kh, kw, stride, axes, writeable=False):
     """All kh x kw windows of x along the two spatial `axes`, every stride-th one,
-    as a view with the two window axes appended (pool_windows of Part I, for any
+    as a view with the two window axes appended (Part I's pool_windows, for any
     axes and memory order, without sliding_window_view's per-call checks).  A
     writeable view of overlapping windows holds a pixel more than once: write into
     it one window offset [..., u, v] at a time."""
@@ -1472,13 +1530,9 @@ def column_sum(a):
 
 class FastConv2D(Conv2D):
     """Conv2D as im2col and a matrix multiply that BLAS runs near the machine's peak,
-    in one of the layouts named at the top of this part, optionally with the max
-    pooling after it (forward(x, pool))."""
-    fast = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.buffers = {}  # im2col matrices reused from call to call, see scratch()
+    in one of the layouts named at the top of this part; forward_pooled also runs
+    the max pooling after it."""
+    is_fast = True
 
     def layout(self, x):
         """How this input's im2col matrix is built and multiplied (top of Part II)."""
@@ -1491,22 +1545,31 @@ class FastConv2D(Conv2D):
         return "sum of taps" if self.in_channels < self.out_channels else "convolution"
 
     def fuses(self, pool):
-        """Whether forward can run `pool`, a MaxPool2D right after this layer, as part
-        of its own call: a fast pool whose windows do not overlap."""
+        """Whether forward_pooled can run `pool`, a MaxPool2D right after this layer,
+        as part of its own call: a fast pool whose windows do not overlap."""
         return isinstance(pool, FastMaxPool2D) and pool.stride == pool.k
 
-    def _forward(self, x, pool=None):
-        """pool: the MaxPool2D after this layer, run as part of this call where
-        fuses(pool) (FastSequential passes it to forward): the result is then the
-        pooled output, and backward takes the gradient of that."""
-        if pool is not None and not self.fuses(pool):
+    def work_arrays(self):
+        """The im2col matrices kept from call to call in training (see scratch), made
+        at first use (a layer becomes fast in place, see Layer.to)."""
+        if "buffers" not in vars(self):
+            self.buffers = {}
+        return self.buffers
+
+    def forward_pooled(self, x, pool):
+        """pool.forward(self.forward(x)) in one call, for a pool this layer fuses
+        with; backward then takes the gradient of the pooled output."""
+        if not self.fuses(pool):
             raise ValueError(f"{self!r} cannot run {pool!r} as part of its forward pass")
-        return self._forward_fast(x, pool)
+        x = self.check_input(x)
+        y = self._forward_im2col(x, pool)
+        self.output_shape = y.shape if self.training else None
+        return y
 
-    def _backward(self, grad, input_grad=True):
-        return self._backward_fast(grad, input_grad)
+    def _forward(self, x):
+        return self._forward_im2col(x, None)
 
-    def _forward_fast(self, x, pool):
+    def _forward_im2col(self, x, pool):
         """With a pool of k x k windows after it, the rows of cols are put in
         pooling-phase order (see pooling_phases): for each image, first the pixels at
         offset (0, 0) of their window, then those at (0, 1), and so on.  Each window
@@ -1519,7 +1582,7 @@ class FastConv2D(Conv2D):
         if min(ho, wo) < k:
             raise ValueError(f"{pool!r}: input {(n, f, ho, wo)} is smaller than the window")
         pixels = n * k * k * (ho // k) * (wo // k)                 # rows of cols: N*Ho*Wo unpooled
-        buffers = self.buffers if self.training else None          # evaluation keeps no cache
+        buffers = self.work_arrays() if self.training else None   # evaluation keeps no cache
         layout, x_order = self.layout(x), memory_order(x)
         if layout != "channels-last":                              # cols^T: (C*kh*kw, M)
             cols = scratch(buffers, "cols", (c * self.kh * self.kw, pixels), x.dtype)
@@ -1532,32 +1595,19 @@ class FastConv2D(Conv2D):
             cols = receptive_fields(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, k)  # (N, ..., kh, kw, C)
             y = np.empty((pixels, f), x.dtype)                     # y: (M, F)
             im2col_matmul(cols, W.transpose(2, 3, 1, 0).reshape(-1, f), y)
-        if "b" in self.params and layout == "channel-major":
-            split_batch(np.add, y, self.params["b"][:, None], y)
-        elif "b" in self.params:
-            # Image by image, against the biases repeated for each pixel: broadcasting b
-            # alone makes NumPy's inner loop only F numbers long.
-            rows = np.tile(self.params["b"], pixels // n)             # rows: (pixels of an image * F,)
-            split_batch(lambda y: np.add(y, rows, out=y), y.reshape(n, -1))
+        if "b" in self.params:
+            add_bias(y, self.params["b"], layout, n)
         if self.training:
             self.cache, self.x_shape, self.x_order = (layout, cols), x.shape, x_order
             self.pool, self.y_shape = pool, y.shape
         if pool is not None:
             order = (1, 0, 2, 3) if layout == "channel-major" else (0, 2, 3, 1)
-            return pool.pool_windows(self._output_windows(y, layout, n, ho, wo, k), order)
+            return pool.max_over_windows(phase_windows(y, layout, n, f, ho, wo, k), order)
         if layout == "channel-major":
             return y.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
         return nchw_view(y.reshape(n, ho, wo, f))
 
-    def _output_windows(self, y, layout, n, ho, wo, k):
-        """The (N, F, Ho/k, Wo/k, k, k) windows view of an output matrix y whose
-        pixels are in pooling-phase order."""
-        hq, wq = ho // k, wo // k
-        if layout == "channel-major":                              # y: (F, N*k*k*Hq*Wq)
-            return y.reshape(self.out_channels, n, k, k, hq, wq).transpose(1, 0, 4, 5, 2, 3)
-        return y.reshape(n, k, k, hq, wq, self.out_channels).transpose(0, 5, 3, 4, 1, 2)
-
-    def _backward_fast(self, grad_out, input_grad):
+    def _backward(self, grad_out, input_grad=True):
         """dW is the forward matrix multiply run backwards, cols^T @ g, and db the
         column sums of g; dL/dx goes by dx_route().  dL/dx is returned in the memory
         order of the input."""
@@ -1571,7 +1621,7 @@ class FastConv2D(Conv2D):
         else:                                                      # the pool's backward, into gm
             k = self.pool.k
             gm = np.empty(self.y_shape, grad_out.dtype)
-            gm_windows = self._output_windows(gm, layout, n, ho, wo, k)  # (N, F, Ho/k, Wo/k, k, k)
+            gm_windows = phase_windows(gm, layout, n, f, ho, wo, k)  # (N, F, Ho/k, Wo/k, k, k)
             self.pool.route(grad_out, gm_windows)
         if self.trainable:
             rows = gm.T if layout == "channel-major" else gm        # rows: (M, F)
@@ -1589,72 +1639,93 @@ class FastConv2D(Conv2D):
             g = (np.empty if (ho % k, wo % k) == (0, 0) else np.zeros)((n, ho, wo, f), gm.dtype)
             pixels = gm_windows.transpose(0, 2, 3, 1, 4, 5)                # (N, Ho/k, Wo/k, F, k, k)
             split_batch(np.copyto, windows(g, k, k, k, (1, 2), writeable=True), pixels)
-        dx = self._input_grad_sum(g) if self.dx_route() == "sum of taps" else self._input_grad_conv(g)
+        route = input_grad_by_taps if self.dx_route() == "sum of taps" else input_grad_by_convolution
+        dx = route(g, self.params["W"], self.x_shape, self.stride, self.padding)
         return in_memory_order(dx, self.x_order)
 
-    def _input_grad_conv(self, g):
-        """dL/dx as a convolution: the output gradient, spread out by the stride (zeros
-        in between) and padded by k - 1, cross-correlated with the kernel flipped in
-        both directions and with in/out channels swapped: im2col and one matrix
-        multiply, as in the forward pass."""
-        W, s, p = self.params["W"], self.stride, self.padding
-        n, c, h, w = self.x_shape
-        f, kh, kw = self.out_channels, self.kh, self.kw
-        ho, wo = g.shape[1:3]
-        hp, wp = h + 2 * p, w + 2 * p
-        spread = np.zeros((n, hp + kh - 1, wp + kw - 1, f), g.dtype)  # spread: (N, Hp+kh-1, Wp+kw-1, F)
-        split_batch(np.copyto, spread[:, kh - 1:kh - 1 + s * (ho - 1) + 1:s, kw - 1:kw - 1 + s * (wo - 1) + 1:s], g)
-        w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
-        # Only the windows of the unpadded pixels: the padding's gradient is not needed.
-        spread = spread[:, p:p + h + kh - 1, p:p + w + kw - 1]
-        dx = np.empty((n, h, w, c), g.dtype)                       # dx: (N, H, W, C)
-        im2col_matmul(receptive_fields(spread, kh, kw, 1), w_flipped, dx.reshape(-1, c))
-        return nchw_view(dx)
 
-    def _input_grad_sum(self, g):
-        """dL/dx straight from the forward sum: input pixel (i*s + u, j*s + v) met
-        kernel offset (u, v) at output pixel (i, j), so dL/dx is the sum over the
-        kh*kw offsets of g @ W[:, :, u, v]^T shifted by (u, v).  One batched matrix
-        multiply makes the kh*kw products, and adding a product onto its shifted
-        slice moves whole image rows at a time.  Its matrix has kh*kw*C columns where
-        the convolution's has kh*kw*F: less to copy when the layer widens.  A few
-        images at a time, as in im2col_matmul."""
-        W, p = self.params["W"], self.padding
-        n, c, h, w = self.x_shape
-        _, ho, wo, f = g.shape                                     # g: (N, Ho, Wo, F)
-        taps = self.kh * self.kw
-        w_taps = W.transpose(2, 3, 0, 1).reshape(taps, f, c)       # (kh*kw, F, C)
-        dxpad = np.empty((n, h + 2 * p, w + 2 * p, c), g.dtype)    # dxpad: (N, H+2p, W+2p, C)
+def add_bias(y, b, layout, n):
+    """y += b for a convolution's output matrix y: (F, M) channel-major, else (M, F)
+    with the M rows image by image."""
+    if layout == "channel-major":
+        split_batch(np.add, y, b[:, None], y)
+    else:
+        # Image by image, against the biases repeated for each pixel: broadcasting b
+        # alone makes NumPy's inner loop only F numbers long.
+        rows = np.tile(b, len(y) // n)                             # rows: (pixels of an image * F,)
+        split_batch(lambda y: np.add(y, rows, out=y), y.reshape(n, -1))
 
-        def add_products(g, dxpad):
-            parts = scratch(None, "grad_parts", (taps, len(g) * ho * wo, c), g.dtype)
-            np.matmul(g.reshape(-1, f), w_taps, out=parts)
-            self._overlap_add(parts.reshape(taps, len(g), ho, wo, c).transpose(1, 0, 2, 3, 4), dxpad)
 
-        by_images(add_products, (g, dxpad), taps * ho * wo * c * g.itemsize)
-        return nchw_view(dxpad[:, p:p + h, p:p + w])
+def phase_windows(y, layout, n, f, ho, wo, k):
+    """The (N, F, Ho/k, Wo/k, k, k) windows view of a convolution's output matrix y
+    whose pixels are in pooling-phase order."""
+    hq, wq = ho // k, wo // k
+    if layout == "channel-major":                                  # y: (F, N*k*k*Hq*Wq)
+        return y.reshape(f, n, k, k, hq, wq).transpose(1, 0, 4, 5, 2, 3)
+    return y.reshape(n, k, k, hq, wq, f).transpose(0, 5, 3, 4, 1, 2)
 
-    def _overlap_add(self, parts, dxpad):
-        s, ho, wo = self.stride, *parts.shape[2:4]
+
+def input_grad_by_convolution(g, W, x_shape, s, p):
+    """A convolution's dL/dx as a convolution: the output gradient g (N, Ho, Wo, F),
+    spread out by the stride s (zeros in between) and padded by k - 1,
+    cross-correlated with the kernel W flipped in both directions and with in/out
+    channels swapped: im2col and one matrix multiply, as in the forward pass.
+    Returns dx (N, C, H, W) as a view of channels-last memory."""
+    n, c, h, w = x_shape
+    f, _, kh, kw = W.shape
+    ho, wo = g.shape[1:3]
+    hp, wp = h + 2 * p, w + 2 * p
+    spread = np.zeros((n, hp + kh - 1, wp + kw - 1, f), g.dtype)  # spread: (N, Hp+kh-1, Wp+kw-1, F)
+    split_batch(np.copyto, spread[:, kh - 1:kh - 1 + s * (ho - 1) + 1:s, kw - 1:kw - 1 + s * (wo - 1) + 1:s], g)
+    w_flipped = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*F, C)
+    # Only the windows of the unpadded pixels: the padding's gradient is not needed.
+    spread = spread[:, p:p + h + kh - 1, p:p + w + kw - 1]
+    dx = np.empty((n, h, w, c), g.dtype)                           # dx: (N, H, W, C)
+    im2col_matmul(receptive_fields(spread, kh, kw, 1), w_flipped, dx.reshape(-1, c))
+    return nchw_view(dx)
+
+
+def input_grad_by_taps(g, W, x_shape, s, p):
+    """A convolution's dL/dx straight from the forward sum: input pixel
+    (i*s + u, j*s + v) met kernel offset (u, v) at output pixel (i, j), so dL/dx is
+    the sum over the kh*kw offsets of g @ W[:, :, u, v] shifted by (u, v).  One
+    batched matrix multiply makes the kh*kw products, and adding a product onto its
+    shifted slice moves whole image rows at a time.  Its matrix has kh*kw*C columns
+    where the convolution's has kh*kw*F: less to copy when the layer widens.  A few
+    images at a time, as in im2col_matmul.  g: (N, Ho, Wo, F) -> dx (N, C, H, W)."""
+    n, c, h, w = x_shape
+    f, _, kh, kw = W.shape
+    _, ho, wo, _ = g.shape
+    taps = kh * kw
+    w_taps = W.transpose(2, 3, 0, 1).reshape(taps, f, c)           # (kh*kw, F, C)
+    dxpad = np.empty((n, h + 2 * p, w + 2 * p, c), g.dtype)        # dxpad: (N, H+2p, W+2p, C)
+
+    def add_products(g, dxpad):
+        parts = scratch(None, "grad_parts", (taps, len(g) * ho * wo, c), g.dtype)
+        np.matmul(g.reshape(-1, f), w_taps, out=parts)
+        parts = parts.reshape(taps, len(g), ho, wo, c)
         dxpad.fill(0)
-        for t, (u, v) in enumerate(np.ndindex(self.kh, self.kw)):
-            dxpad[:, u:u + s * ho:s, v:v + s * wo:s] += parts[:, t]
+        for t, (u, v) in enumerate(np.ndindex(kh, kw)):
+            dxpad[:, u:u + s * ho:s, v:v + s * wo:s] += parts[t]
+
+    by_images(add_products, (g, dxpad), taps * ho * wo * c * g.itemsize)
+    return nchw_view(dxpad[:, p:p + h, p:p + w])
 
 
 class FastMaxPool2D(MaxPool2D):
     """Max pooling as k*k element-wise operations over whole arrays: the window
     offsets (u, v) of windows(x) are k*k strided slices of x.  Works in any memory
     order (NumPy's inner loop runs along the innermost axis) and keeps it."""
-    fast = True
+    is_fast = True
 
     def _forward(self, x):
         order = memory_order(x)
-        y = self.pool_windows(windows(x, self.k, self.k, self.stride, (2, 3)), order)
+        y = self.max_over_windows(windows(x, self.k, self.k, self.stride, (2, 3)), order)
         if self.training:
             self.x_shape, self.x_order = x.shape, order
         return y
 
-    def pool_windows(self, cells, order):
+    def max_over_windows(self, cells, order):
         """Max over the windows in cells (N, C, Ho, Wo, k, k), [..., u, v] being offset
         (u, v) of window (i, j): a running maximum over the k*k offsets, where `which`
         remembers the offset of the first maximum (strict > keeps the earliest), so
@@ -1706,7 +1777,7 @@ class FastMaxPool2D(MaxPool2D):
 
 class FastGlobalMaxPool2D(GlobalMaxPool2D):
     """The max over the pixels of channels-last memory (free to get from a fast layer)."""
-    fast = True
+    is_fast = True
 
     def _forward(self, x):
         xh = nhwc(x)
@@ -1725,7 +1796,7 @@ class FastGlobalMaxPool2D(GlobalMaxPool2D):
 
 class FastReLU(ReLU):
     """ReLU over threads, keeping x's memory layout."""
-    fast = True
+    is_fast = True
 
     def _forward(self, x):
         y = np.empty_like(x)
@@ -1744,7 +1815,7 @@ class FastGELU(GELU):
     """GELU as a chain of in-place operations on one or two work arrays, over threads:
     the time goes to memory, not arithmetic, and a fresh temporary array per operator
     doubles the memory traffic."""
-    fast = True
+    is_fast = True
 
     def _forward(self, x):
         t, y = np.empty_like(x), np.empty_like(x)  # same memory layout as x
@@ -1787,7 +1858,7 @@ class FastGELU(GELU):
 
 class FastFlatten(Flatten):
     """Flatten whose gradient comes back in the input's memory order."""
-    fast = True
+    is_fast = True
 
     def _forward(self, x):
         self.x_shape, self.x_order = x.shape, memory_order(x)
@@ -1799,7 +1870,7 @@ class FastFlatten(Flatten):
 
 class FastDense(Dense):
     """Dense with the bias gradient as a BLAS product."""
-    fast = True
+    is_fast = True
 
     def _backward(self, grad_out):
         self.grads["W"] = self.x.T @ grad_out
@@ -1811,7 +1882,7 @@ class FastDense(Dense):
 class FastBatchNorm2D(BatchNorm2D):
     """BatchNorm over channels-last rows (N*H*W, C): sums as BLAS products and einsum,
     the element-wise passes in place and over threads."""
-    fast = True
+    is_fast = True
 
     def _forward(self, x):
         xh = nhwc(x)
@@ -1871,7 +1942,7 @@ class FastSequential(Sequential):
     """Sequential in which a fast Conv2D directly followed by a MaxPool2D it fuses with
     runs the pooling as part of its own forward and backward (the same numbers), and
     whose predict splits each batch over the cores."""
-    fast = True
+    is_fast = True
 
     def fused_pools(self):
         """{i: the MaxPool2D at i + 1} for each Conv2D at i that runs it."""
@@ -1883,21 +1954,20 @@ class FastSequential(Sequential):
         pools = self.fused_pools()
         for i, layer in enumerate(self.layers):
             if i in pools:
-                x = layer.forward(x, pool=pools[i])
+                x = layer.forward_pooled(x, pools[i])
             elif i - 1 not in pools:  # else it ran with the convolution before it
                 x = layer.forward(x)
         return x
 
     @on_one_blas_thread
-    def backward(self, grad, input_grad=False):
+    def backward(self, grad, input_grad=True):
         first = self.first_trained()
         stop = 0 if input_grad or first is None else first
         pools = self.fused_pools()
         for i in range(len(self.layers) - 1, stop, -1):
             if i - 1 not in pools:  # a fused pool's backward runs in its convolution's
                 grad = self.layers[i].backward(grad)
-        last = self.layers[stop]
-        return last.backward(grad, input_grad=input_grad) if isinstance(last, Conv2D) else last.backward(grad)
+        return self.layers[stop].backward(grad, input_grad=input_grad)
 
     def predict(self, x, batch_size=EVAL_BATCH):
         """Logits for x in evaluation mode, batch by batch, each batch split over the
@@ -1907,23 +1977,30 @@ class FastSequential(Sequential):
                                    for i in range(0, len(x), batch_size)])
 
 
-def twin_of(model, slot):
+# What impl="fast" builds (Layer.to, Sequential.to): each Part I class and its version here.
+Layer.fast_versions.update({
+    Conv2D: FastConv2D, MaxPool2D: FastMaxPool2D, GlobalMaxPool2D: FastGlobalMaxPool2D, ReLU: FastReLU,
+    GELU: FastGELU, Flatten: FastFlatten, Dense: FastDense, BatchNorm2D: FastBatchNorm2D,
+    Sequential: FastSequential})
+
+
+def thread_copy(model, slot):
     """A copy of model that another thread can run at the same time: the same
     parameter arrays, its own gradients, caches and work arrays (slot: which)."""
     layers = []
     for layer in model.layers:
-        twin = copy.copy(layer)
-        twin.grads = {}
+        layer_copy = copy.copy(layer)
+        layer_copy.grads = {}
         if isinstance(layer, FastConv2D):
-            twin.buffers = layer.buffers.setdefault(("twin", slot), {})
-        layers.append(twin)
-    return Sequential(*layers)
+            layer_copy.buffers = layer.work_arrays().setdefault(("copy", slot), {})
+        layers.append(layer_copy)
+    return Sequential(*layers, impl=model.impl)
 
 
 def split_model(model, fn, *arrays):
     """[fn(net, *slices)] for CORES slices of the batch (axis 0 of the arrays), all at
     once, each run by its own net in its own thread with OpenBLAS on one thread: the
-    model itself on the first slice, twins of it (twin_of) on the others.  With a few
+    model itself on the first slice, copies of it (thread_copy) on the others.  With a few
     dozen channels a layer is too little work to split each call over the cores,
     but the whole network on each slice is not.  fn runs once on the whole batch on
     one core, for one image, or where OpenBLAS's thread count cannot be set."""
@@ -1931,7 +2008,7 @@ def split_model(model, fn, *arrays):
     with one_blas_thread() as held:
         if parts < 2 or not held or cores_taken():
             return [fn(model, *arrays)]
-        nets = [model] + [twin_of(model, i) for i in range(1, parts)]
+        nets = [model] + [thread_copy(model, i) for i in range(1, parts)]
         with own_core():
             return in_parallel(lambda i, *part: fn(nets[i], *part), arrays, parts)
 
@@ -1946,13 +2023,14 @@ def slice_gradient(net, loss_fn, x, y, batch_size):
     """Forward, loss and backward on a slice (x, y) of a batch of batch_size images:
     returns (summed loss, logits) and leaves the slice's part of the batch's
     gradient in net's layers.  The loss gradient is weighted by the slice's share
-    of the batch, so that the slices' gradients add up to the batch's."""
+    of the batch, so that the slices' gradients add up to the batch's.  Training
+    needs no gradient for the images: backward stops at the first trained layer."""
     logits = net.forward(x)
     loss = loss_fn.forward(logits, y)
     grad = loss_fn.backward()
     if len(y) < batch_size:
         grad = grad * grad.dtype.type(len(y) / batch_size)
-    net.backward(grad)
+    net.backward(grad, input_grad=False)
     return loss * len(y), logits
 
 
@@ -1962,7 +2040,7 @@ def train_step(model, loss_fn, x, y, twin=None, meanwhile=None):
 
     A model without batch statistics runs on slices of the batch at once: half in
     a TwinProcess if one is given, else one slice per thread (split_model), the
-    twins' gradients added to the model's.  A model with BatchNorm runs whole.
+    copies' gradients added to the model's.  A model with BatchNorm runs whole.
     meanwhile: a function to call once this process's part is done, while the twin
     finishes its half (train_epoch prepares the next batch in it)."""
     if needs_whole_batch(model):
@@ -2138,7 +2216,7 @@ def cache_dir():
     return os.path.join(root, "numpy-cnn")
 
 
-def _writable_twin(path):
+def _writable_path(path):
     """path itself if its folder is writable, else the same name in cache_dir()."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.access(folder, os.W_OK):
@@ -2150,19 +2228,14 @@ def _writable_twin(path):
 def gunzip_once(path):
     """Decompress path (a .gz) to a raw file beside it (or in the cache folder) the
     first time; later calls find the raw file and return at once."""
-    raw = _writable_twin(path[:-3])
+    raw = _writable_path(path[:-3])
     if os.path.exists(raw) and os.path.getmtime(raw) >= os.path.getmtime(path):
         return raw
-    tmp = f"{raw}.{os.getpid()}.tmp"
     try:
-        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+        with gzip.open(path, "rb") as src, atomic_write(raw) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, raw)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: not a readable gzip file ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return raw
 
 
@@ -2204,9 +2277,9 @@ def write_idx(path, array):
     big = array.astype(np.dtype(array.dtype).newbyteorder(">") if array.dtype.itemsize > 1
                        else array.dtype)
     header = bytes([0, 0, codes[big.dtype], array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(header + big.tobytes())
+    data = header + big.tobytes()
+    with atomic_write(path) as f:
+        f.write(gzip.compress(data) if path.endswith(".gz") else data)
 
 
 def _find_file(folder, names):
@@ -2316,7 +2389,7 @@ def _cifar_folder(path):
     """Resolve a CIFAR-10 path (archive, batches folder, or a folder holding either)
     to the cifar-10-batches-py folder, extracting the archive once if needed."""
     if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz", ".tar")):
-        archive, folder = path, _writable_twin(os.path.join(os.path.dirname(path), "cifar-10-batches-py"))
+        archive, folder = path, _writable_path(os.path.join(os.path.dirname(path), "cifar-10-batches-py"))
         if not os.path.isdir(folder):
             safe_extract(archive, os.path.dirname(folder))
         if not os.path.isdir(folder):
@@ -2392,15 +2465,14 @@ def download(url, dest, sha256, timeout=30):
     """Stream url into dest, checking its SHA-256.  A url ending in .gz for a dest
     that does not is decompressed on the fly (the checksum is then that of the
     decompressed file).  Shows a progress bar on a terminal and a few lines otherwise.
-    Writes to dest.part and renames only after the checksum matched: a failed or
-    interrupted download never leaves a file under dest."""
+    Written atomically, and only if the checksum matches: a failed or interrupted
+    download never leaves a file under dest."""
     import zlib
-    tmp = dest + ".part"
     unzip = zlib.decompressobj(31) if url.endswith(".gz") and not dest.endswith(".gz") else None
     digest, done, start = hashlib.sha256(), 0, time.time()
     tty = sys.stderr.isatty()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(dest) as out:
             total = int(response.headers.get("Content-Length") or 0)
             next_report = 0.25
             while True:
@@ -2430,16 +2502,10 @@ def download(url, dest, sha256, timeout=30):
                 rest = unzip.flush()
                 digest.update(rest)
                 out.write(rest)
-        if digest.hexdigest() != sha256:
-            raise DataError(f"{url}: checksum mismatch: SHA-256 {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, dest)
+            if digest.hexdigest() != sha256:
+                raise DataError(f"{url}: checksum mismatch: SHA-256 {digest.hexdigest()}, expected {sha256}")
     except (urllib.error.URLError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{url}: download failed ({getattr(e, 'reason', e)})") from None
-    except Exception:
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dest
 
 
@@ -2530,13 +2596,6 @@ def pad_images(batch, pad, mode="reflect"):
         padded[:, :, :pad] = padded[:, :, 2 * pad:pad:-1]
         padded[:, :, pad + h:] = padded[:, :, pad + h - 2:h - 2:-1]
     return padded
-
-
-def random_crop(batch, pad, rng, mode="reflect"):
-    """Pad (reflect or zero) by `pad` pixels and cut a random H x W window per image."""
-    n = len(batch)
-    dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
-    return crop_at(batch, pad, dy, dx, mode)
 
 
 def crop_at(batch, pad, dy, dx, mode="reflect"):
@@ -2836,9 +2895,8 @@ def _font(size):
 
 
 def _save_png(image, path):
-    tmp = f"{path}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        image.save(f, format="PNG")
 
 
 def _nice_ticks(low, high, count=6):
@@ -2968,71 +3026,10 @@ def draw_mistakes(images, labels, predictions, classes, title, path, count=40, c
 
 
 
-# --- the documented networks ---------------------------------------------------------------
-# ReLU follows MaxPool in the code although the documents write Conv-ReLU-MaxPool: max
-# pooling and ReLU commute (both are monotonic), so the function and its gradient are
-# exactly the same, and the ReLU runs on a quarter of the values.
-
-def mnist_network(net, impl="fast", rng=None):
-    """Network 1: Conv(4)-ReLU-MaxPool-Dense(64)-ReLU-Dense(10); network 2:
-    Conv(16)-ReLU-MaxPool-Conv(16)-ReLU-MaxPool-Dense(64)-ReLU-Dense(10)."""
-    if net == 1:
-        return Sequential(
-            Conv2D(1, 4, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),    # 4 x 13 x 13
-            Flatten(), Dense(676, 64, rng=rng), ReLU(), Dense(64, 10, rng=rng))
-    return Sequential(
-        Conv2D(1, 16, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),       # 16 x 13 x 13
-        Conv2D(16, 16, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),      # 16 x 5 x 5
-        Flatten(), Dense(400, 64, rng=rng), ReLU(), Dense(64, 10, rng=rng))
-
-
-def fashion_network(impl="fast", rng=None):
-    """Conv(6, padding 1)-ReLU-MaxPool-Dense(100)-ReLU-Dense(10)."""
-    return Sequential(
-        Conv2D(1, 6, 3, padding=1, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),  # 6 x 14 x 14
-        Flatten(), Dense(1176, 100, rng=rng), ReLU(), Dense(100, 10, rng=rng))
-
-
-def cifar_network3(impl="fast", rng=None):
-    """Conv(8)-ReLU-MaxPool-Conv(16)-ReLU-Conv(32)-ReLU-MaxPool-Dense(64)-ReLU-Dense(10)."""
-    return Sequential(
-        Conv2D(3, 8, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),       # 8 x 15 x 15
-        Conv2D(8, 16, 3, impl=impl, rng=rng), ReLU(),                               # 16 x 13 x 13
-        Conv2D(16, 32, 3, impl=impl, rng=rng), MaxPool2D(2, impl=impl), ReLU(),     # 32 x 5 x 5
-        Flatten(), Dense(800, 64, rng=rng), ReLU(), Dense(64, 10, rng=rng))
-
-
-def cifar_network4(impl="fast", rng=None, widths=(64, 128, 128)):
-    """After the airbench recipe: a fixed whitening convolution (see init4), three
-    blocks of conv-pool-BatchNorm-GELU-conv-BatchNorm-GELU, global max pooling and
-    Dense(10), scaled by 1/9."""
-    rng = np.random.default_rng() if rng is None else rng
-    whiten = Conv2D(3, 24, 2, bias=False, impl=impl, rng=rng)                      # 24 x 31 x 31
-    whiten.trainable = False
-    layers, channels = [whiten, GELU()], 24
-    for width in widths:                                # 31 -> 15 -> 7 -> 3 pixels
-        first = Conv2D(channels, width, 3, padding=1, bias=False, impl=impl, rng=rng)
-        second = Conv2D(width, width, 3, padding=1, bias=False, impl=impl, rng=rng)
-        norms = [BatchNorm2D(width, momentum=0.4, eps=1e-12, scale=False) for _ in range(2)]
-        for conv in (first, second):  # PyTorch's default init, then identity on the first filters
-            bound = 1 / math.sqrt(conv.in_channels * 9)
-            conv.params["W"][:] = rng.uniform(-bound, bound, conv.params["W"].shape)
-            dirac_init(conv)
-        for norm in norms:
-            norm.lr_scale = 64.0
-        layers += [first, MaxPool2D(2, impl=impl), norms[0], GELU(), second, norms[1], GELU()]
-        channels = width
-    head = Dense(channels, 10, bias=False, rng=rng)
-    head.params["W"][:] = rng.uniform(-1, 1, head.params["W"].shape) / math.sqrt(channels)
-    return Sequential(*layers, GlobalMaxPool2D(), head, Scale(1 / 9))
-
-
-def init4(model, images):
-    """Network 4's whitening weights, from (normalized) training images."""
-    model.layers[0].params["W"][:] = whitening_filters(images)
-
-
-# --- command line: the training scripts' options and runner ---------------------------------
+# --- command line: the steps of the training scripts ---------------------------------------
+# Each train_*.py script defines its networks and recipes and calls these steps in order:
+# parse_options, load_data, build_model, train, test, write_outputs (or predict_files,
+# or bench_network).  They end the program with one line and exit code 2 on bad input.
 
 def fail(message, code=2):
     """One line on stderr, no traceback, a non-zero exit."""
@@ -3052,10 +3049,33 @@ def _positive(kind, zero=False):
     return parse
 
 
-def parse_options(description, recipes, argv=None):
+# What a recipe may say, and the values a key takes where it has a fixed set.
+RECIPE_KEYS = {
+    "epochs": None, "batch_size": None, "lr": None, "weight_decay": None, "val": None,
+    "optimizer": ("sgd", "adam"), "momentum": None, "nesterov": (True, False),
+    "schedule": ("constant", "cosine", "warmup_linear"), "warmup": None, "initial_fraction": None,
+    "final_fraction": None, "label_smoothing": None, "lookahead": (True, False),
+    "crop": None, "pad_mode": ("reflect", "constant"), "flip": (None, "random", "alternate"), "tta": (0, 1, 2),
+}
+
+
+def check_recipe(recipe):
+    """A ValueError naming the first unknown key or value, so that a typo such as
+    "nestrov" is not silently ignored."""
+    for key, value in recipe.items():
+        if key not in RECIPE_KEYS:
+            raise ValueError(f"recipe: unknown key {key!r}; the known keys are {', '.join(RECIPE_KEYS)}")
+        if RECIPE_KEYS[key] is not None and value not in RECIPE_KEYS[key]:
+            raise ValueError(f"recipe: {key} must be one of {RECIPE_KEYS[key]}, got {value!r}")
+
+
+def parse_options(description, recipes, argv=None, out="runs/net{net}"):
     """The options every training script shares.  recipes maps a network number to
     its recipe (defaults and training settings); with several, --net picks one, and
-    the other defaults follow it.  Returns (args, recipe)."""
+    the other defaults follow it.  out: the default output folder, {net} standing
+    for the network.  Returns (args, recipe)."""
+    for recipe in recipes.values():
+        check_recipe(recipe)
     nets = list(recipes)
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3065,7 +3085,8 @@ def parse_options(description, recipes, argv=None):
     first = argparse.ArgumentParser(add_help=False)  # --net alone, for the other defaults
     first.error = fail
     first.add_argument("--net", type=int, choices=nets, default=nets[0])
-    recipe = recipes[first.parse_known_args(argv)[0].net]
+    net = first.parse_known_args(argv)[0].net
+    recipe = recipes[net]
     parser.add_argument("--epochs", type=_positive(int), default=recipe["epochs"])
     parser.add_argument("--batch-size", type=_positive(int), default=recipe["batch_size"])
     parser.add_argument("--lr", type=_positive(float), default=recipe["lr"], help="peak learning rate")
@@ -3076,15 +3097,16 @@ def parse_options(description, recipes, argv=None):
                              "0: train on all)")
     parser.add_argument("--data-dir", help="folder (or archive) holding the dataset; default: "
                         "./data/<dataset>, a system folder, else download")
-    parser.add_argument("--out", help="output folder (default runs/<network>)")
+    parser.add_argument("--out", default=out.format(net=net), help="output folder (default: %(default)s)")
     parser.add_argument("--limit", type=_positive(int), help="use only the first N training images")
-    parser.add_argument("--impl", choices=["fast", "plain", "loop"], default="fast",
-                        help="convolution and pooling: the engine, im2col, or the textbook loops")
+    parser.add_argument("--impl", choices=Sequential.impls[::-1], default="fast",
+                        help="the engine, the textbook's im2col, or the textbook's loops")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/model.npz where it stopped")
     parser.add_argument("--predict", nargs="+", metavar="FILE",
                         help="classify image files with the trained OUT/model.npz")
-    args = parser.parse_args(argv)
-    return args, recipe
+    parser.add_argument("--bench", action="store_true",
+                        help="time this network's training and inference steps on random images")
+    return parser.parse_args(argv), recipe
 
 
 CLASS_NAMES = {
@@ -3094,11 +3116,177 @@ CLASS_NAMES = {
 }
 
 
-def _load_split(dataset, folder, split):
+def load_split(dataset, folder, split):
+    """(images, labels, class names) of one split of "mnist", "fashion-mnist" or "cifar10"."""
     if dataset == "cifar10":
         return load_cifar10(folder, split)
     images, labels = load_mnist(folder, split)
     return images, labels, CLASS_NAMES[dataset]
+
+
+class Data:
+    """What a training run reads: the training, validation and test sets as
+    (uint8 images, labels), the training set's per-channel mean and std, the class
+    names and the folder they came from."""
+
+    def __init__(self, train, val, test, classes, folder):
+        self.train, self.val, self.test, self.classes, self.folder = train, val, test, classes, folder
+        self.mean, self.std = channel_stats(train[0])
+
+    def normalized(self, images):
+        return normalize(np.asarray(images), self.mean, self.std)
+
+
+def load_data(dataset, args):
+    """The dataset for a run: --out checked first (so a bad one fails before any
+    loading), the data found (locate_dataset), --limit applied, the last --val
+    training images (at most a tenth) held out for validation."""
+    try:
+        check_output_folder(args.out)
+        folder = locate_dataset(dataset, args.data_dir)
+        train_images, train_labels, classes = load_split(dataset, folder, "train")
+        test_images, test_labels, _ = load_split(dataset, folder, "test")
+    except DataError as e:
+        fail(str(e))
+    if args.limit:
+        train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
+    val_size = min(args.val, len(train_images) // 10)
+    train_size = len(train_images) - val_size
+    return Data((train_images[:train_size], train_labels[:train_size]),
+                (train_images[train_size:], train_labels[train_size:]),
+                (test_images, test_labels), classes, folder)
+
+
+def build_model(network, data, args):
+    """network(rng) with the run's seed, in the form --impl names, checked against
+    the data's image size."""
+    model = network(np.random.default_rng(args.seed)).to(args.impl)
+    shape = data.test[0].shape[1:]
+    try:
+        with model.evaluating():
+            model.forward(np.zeros((1,) + shape, np.float32))
+    except ValueError as e:
+        fail(f"{data.folder}: images of shape {shape} do not fit this network ({e})")
+    return model
+
+
+def make_optimizer(model, recipe, args, total_steps):
+    """The recipe's optimizer (SGD or Adam, inside Lookahead if it says so) and its
+    learning-rate schedule over total_steps."""
+    if recipe.get("optimizer", "sgd") == "adam":
+        optimizer = Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = SGD(model.parameters(), args.lr, momentum=recipe.get("momentum", 0.9),
+                        nesterov=recipe.get("nesterov", False), weight_decay=args.weight_decay)
+    if recipe.get("lookahead"):
+        optimizer = Lookahead(optimizer, model, total_steps)
+    kind, lr, final = recipe.get("schedule", "constant"), args.lr, recipe.get("final_fraction", 0.0)
+    if kind == "cosine":
+        schedule = cosine_lr(lr, total_steps, lr * final)
+    elif kind == "warmup_linear":
+        schedule = warmup_linear_lr(lr, total_steps, recipe.get("warmup", 0.2), final,
+                                    recipe.get("initial_fraction", 0.0))
+    else:
+        schedule = constant_lr(lr)
+    return optimizer, schedule
+
+
+# Options that decide the batches and the data: a run resumes only with the same ones.
+RESUME_OPTIONS = ("net", "batch_size", "seed", "val", "limit", "lr", "weight_decay", "impl")
+
+
+def resume_from(checkpoint, model, optimizer, options):
+    """(position, history) where the run saved in checkpoint stopped, its weights and
+    optimizer state loaded; exits with one line if it cannot be resumed."""
+    try:
+        stored = load_checkpoint(checkpoint, model, optimizer)
+    except DataError as e:
+        fail(str(e))
+    before = stored.get("options", {})
+    changed = [f"--{k.replace('_', '-')} {before[k]}" for k in RESUME_OPTIONS
+               if k in before and before[k] != options.get(k)]
+    if changed:
+        fail(f"{checkpoint}: trained with {', '.join(changed)}; resume with the same options")
+    position, history = stored.get("position"), stored.get("history", [])
+    if not isinstance(position, dict) or not isinstance(history, list):
+        fail(f"{checkpoint}: damaged checkpoint (no training position)")
+    where = f", step {position['batch']} of epoch {position['epoch'] + 1}" if position["batch"] else ""
+    print(f"resuming from {checkpoint} after epoch {position['epoch']}{where}", file=sys.stderr)
+    return position, history
+
+
+def run_options(args):
+    """The options a run was started with, as saved with it."""
+    return {k: v for k, v in vars(args).items() if k not in ("predict", "bench")}
+
+
+def train(model, data, recipe, args, title):
+    """Train model on data as the recipe and options say, from the start or, with
+    --resume, from OUT/model.npz: fit with a checkpoint after every epoch.  Returns
+    the history.  Ctrl-C saves and exits with 130, divergence with 1."""
+    steps = args.epochs * math.ceil(len(data.train[0]) / args.batch_size)
+    optimizer, schedule = make_optimizer(model, recipe, args, steps)
+    loss_fn = SoftmaxCrossEntropy(recipe.get("label_smoothing", 0.0))
+    checkpoint = os.path.join(args.out, "model.npz")
+    meta = dict(options=run_options(args), mean=data.mean.tolist(), std=data.std.tolist(),
+                classes=data.classes, input_shape=list(data.test[0].shape[1:]))
+    position, history = resume_from(checkpoint, model, optimizer, meta["options"]) if args.resume else (None, [])
+    print(f"{title}: {len(data.train[0])} training, {len(data.val[0])} validation, {len(data.test[0])} "
+          f"test images from {data.folder}", file=sys.stderr)
+    augment = {k: recipe[k] for k in ("crop", "flip", "pad_mode") if k in recipe}
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        return fit(model, loss_fn, optimizer, schedule, data.train, data.val, data.mean, data.std,
+                   epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, augment=augment,
+                   checkpoint=checkpoint, meta=meta, position=position, history=history)
+    except TrainingDiverged as e:
+        fail(f"{e}; try a smaller learning rate (--lr {args.lr / 3:.3g}); "
+             f"the last good checkpoint is {checkpoint}", code=1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: saved {checkpoint}; run the same command with --resume to continue",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def test(model, data, tta=0):
+    """The trained model on the test set: loss, accuracy, macro F1, per-class F1, the
+    confusion matrix and the predicted classes; with test-time augmentation (tta, see
+    predict_logits) also the figures without it."""
+    images, labels = data.test[0], np.asarray(data.test[1]).astype(np.int64)
+    plain_logits = predict_logits(model, images, data.mean, data.std)
+    test_loss, test_acc, predictions = score(plain_logits, labels)
+    results = dict(test_loss=test_loss, test_accuracy=test_acc)
+    if tta:
+        logits = predict_logits(model, images, data.mean, data.std, tta=tta, plain=plain_logits)
+        without_tta, (test_loss, test_acc, predictions) = results, score(logits, labels)
+        results = dict(test_loss=test_loss, test_accuracy=test_acc, without_tta=without_tta)
+    cm = confusion_matrix(labels, predictions, len(data.classes))
+    results.update(macro_f1=macro_f1(cm), f1_per_class=f1_scores(cm).tolist(), confusion_matrix=cm.tolist())
+    return results, predictions
+
+
+def write_outputs(args, recipe, title, data, history, results, predictions, started):
+    """OUT/learning_curve.png, confusion_matrix.png, mistakes.png and metrics.json
+    (options, recipe, history and results), and the summary line.  started: the
+    run's start (time.time()), for its wall time."""
+    out, labels = args.out, np.asarray(data.test[1]).astype(np.int64)
+    results = dict(results, epochs=len(history), train_seconds=sum(h["seconds"] for h in history),
+                   wall_seconds=time.time() - started, peak_memory_mb=peak_memory_mb())
+    accuracy = results["test_accuracy"]
+    draw_learning_curve(history, results["test_loss"], f"{title}: test accuracy {100 * accuracy:.2f} %",
+                        os.path.join(out, "learning_curve.png"))
+    draw_confusion_matrix(np.array(results["confusion_matrix"]), data.classes,
+                          f"{title}: confusion matrix (test set)", os.path.join(out, "confusion_matrix.png"))
+    draw_mistakes(data.test[0], labels, predictions, data.classes, f"{title}: misclassified test images",
+                  os.path.join(out, "mistakes.png"))
+    metrics = dict(network=title, options=run_options(args), recipe=recipe, history=history, **results)
+    with atomic_write(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    without = results.get("without_tta")
+    print(f"test loss {results['test_loss']:.4f}  accuracy {accuracy:.4f}  macro F1 {results['macro_f1']:.4f}"
+          + (f"  (without TTA: accuracy {without['test_accuracy']:.4f})" if without else "")
+          + f"  wall time {results['wall_seconds']:.0f}s  outputs in {out}")
+    return metrics
 
 
 MAX_IMAGE_PIXELS = 1 << 25  # larger pictures are refused before they are decoded
@@ -3132,17 +3320,20 @@ def image_to_input(path, channels, height, width):
     return pixels.transpose(2, 0, 1)[None]
 
 
-def predict_files(files, checkpoint, build):
-    """Print the top three classes of each image file; the files that cannot be
-    read get one error line each after the others' predictions, and exit code 2."""
-    model = build("fast", np.random.default_rng(0))
-    meta = load_checkpoint(checkpoint, model)
+def predict_files(files, out, network):
+    """Print the top three classes of each image file with the model trained in out
+    (network(rng) builds it); the files that cannot be read get one error line each
+    after the others' predictions, and exit code 2."""
+    checkpoint = os.path.join(out, "model.npz")
+    model = network(np.random.default_rng(0))
     try:
+        meta = load_checkpoint(checkpoint, model)
         mean, std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
         classes, (c, h, w) = list(meta["classes"]), meta["input_shape"]
+    except DataError as e:
+        fail(str(e))
     except (KeyError, TypeError, ValueError):
-        raise DataError(f"{checkpoint}: damaged checkpoint (its metadata lacks the normalization, "
-                        f"classes or input shape)") from None
+        fail(f"{checkpoint}: damaged checkpoint (its metadata lacks the normalization, classes or input shape)")
     errors = []
     for path in files:
         try:
@@ -3172,141 +3363,12 @@ def check_output_folder(out):
         raise DataError(f"--out {out}: {existing} is not writable")
 
 
-def make_optimizer(model, recipe, args):
-    if recipe.get("optimizer", "sgd") == "adam":
-        return Adam(model.parameters(), args.lr, weight_decay=args.weight_decay)
-    return SGD(model.parameters(), args.lr, momentum=recipe.get("momentum", 0.9),
-               nesterov=recipe.get("nesterov", False), weight_decay=args.weight_decay)
-
-
-def make_schedule(recipe, lr, total_steps):
-    kind = recipe.get("schedule", "constant")
-    if kind == "cosine":
-        return cosine_lr(lr, total_steps, lr * recipe.get("final_fraction", 0.0))
-    if kind == "warmup_linear":
-        return warmup_linear_lr(lr, total_steps, recipe.get("warmup", 0.2), recipe.get("final_fraction", 0.0),
-                                recipe.get("initial_fraction", 0.0))
-    return constant_lr(lr)
-
-
 def peak_memory_mb():
     """Peak resident memory of this process (a TwinProcess has its own, mostly pages
     it shares with this one)."""
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
-
-# Options that decide the batches and the data: a run resumes only with the same ones.
-RESUME_OPTIONS = ("net", "batch_size", "seed", "val", "limit", "lr", "weight_decay", "impl")
-
-
-def run_script(args, *, name, title, dataset, build, recipe):
-    """Everything a train_*.py script does after parsing its options: find the data,
-    train (or resume), evaluate on the test set, write the outputs; or --predict."""
-    started = time.time()
-    keep_freed_memory()
-    out = args.out or os.path.join("runs", name)
-    checkpoint = os.path.join(out, "model.npz")
-    try:
-        if args.predict:
-            return predict_files(args.predict, checkpoint, build)
-        check_output_folder(out)
-        folder = locate_dataset(dataset, args.data_dir)
-        train_images, train_labels, classes = _load_split(dataset, folder, "train")
-        test_images, test_labels, _ = _load_split(dataset, folder, "test")
-    except DataError as e:
-        fail(str(e))
-    rng = np.random.default_rng(args.seed)
-    model = build(args.impl, rng)
-    try:
-        with model.evaluating():
-            model.forward(np.zeros((1,) + train_images.shape[1:], np.float32))
-    except ValueError as e:
-        fail(f"{folder}: images of shape {train_images.shape[1:]} do not fit this network ({e})")
-    if args.limit:
-        train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
-    n_val = min(args.val, len(train_images) // 10)
-    n_train = len(train_images) - n_val
-    train_set = (train_images[:n_train], train_labels[:n_train])
-    val_set = (train_images[n_train:], train_labels[n_train:])
-    mean, std = channel_stats(train_set[0])
-
-    if "init" in recipe:
-        recipe["init"](model, normalize(np.asarray(train_set[0][:5000]), mean, std))
-    optimizer = make_optimizer(model, recipe, args)
-    steps = args.epochs * math.ceil(n_train / args.batch_size)
-    schedule = make_schedule(recipe, args.lr, steps)
-    if recipe.get("lookahead"):
-        optimizer = Lookahead(optimizer, model, steps)
-    loss_fn = SoftmaxCrossEntropy(recipe.get("label_smoothing", 0.0))
-    options = {k: v for k, v in vars(args).items() if k != "predict"}
-    meta = dict(options=options, mean=mean.tolist(), std=std.tolist(), classes=classes,
-                input_shape=list(train_images.shape[1:]))
-    position, history = None, []
-    if args.resume:
-        try:
-            stored = load_checkpoint(checkpoint, model, optimizer)
-        except DataError as e:
-            fail(str(e))
-        before = stored.get("options", {})
-        changed = [f"--{k.replace('_', '-')} {before[k]}" for k in RESUME_OPTIONS
-                   if k in before and before[k] != options.get(k)]
-        if changed:
-            fail(f"{checkpoint}: trained with {', '.join(changed)}; resume with the same options")
-        position, history = stored.get("position"), stored.get("history", [])
-        if not isinstance(position, dict) or not isinstance(history, list):
-            fail(f"{checkpoint}: damaged checkpoint (no training position)")
-    print(f"{title}: {n_train} training, {n_val} validation, {len(test_images)} test images "
-          f"from {folder}", file=sys.stderr)
-    if position:
-        where = f", step {position['batch']} of epoch {position['epoch'] + 1}" if position["batch"] else ""
-        print(f"resuming from {checkpoint} after epoch {position['epoch']}{where}", file=sys.stderr)
-    augment = {k: recipe[k] for k in ("crop", "flip", "pad_mode") if k in recipe}
-    os.makedirs(out, exist_ok=True)
-    try:
-        history = fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std,
-                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                      augment=augment, checkpoint=checkpoint, meta=meta,
-                      position=position, history=history)
-    except TrainingDiverged as e:
-        fail(f"{e}; try a smaller learning rate (--lr {args.lr / 3:.3g}); "
-             f"the last good checkpoint is {checkpoint}", code=1)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: saved {checkpoint}; run the same command with --resume to continue",
-              file=sys.stderr)
-        sys.exit(130)
-
-    tta = recipe.get("tta", 0)
-    plain_logits = predict_logits(model, test_images, mean, std)
-    test_loss, test_acc, predictions = score(plain_logits, test_labels)
-    results = dict(test_loss=test_loss, test_accuracy=test_acc)
-    if tta:
-        without_tta = dict(results)
-        logits = predict_logits(model, test_images, mean, std, tta=tta, plain=plain_logits)
-        test_loss, test_acc, predictions = score(logits, test_labels)
-        results = dict(test_loss=test_loss, test_accuracy=test_acc, without_tta=without_tta)
-    labels = np.asarray(test_labels).astype(np.int64)
-    cm = confusion_matrix(labels, predictions, len(classes))
-    results.update(macro_f1=macro_f1(cm), f1_per_class=f1_scores(cm).tolist(),
-                   confusion_matrix=cm.tolist(), epochs=len(history),
-                   train_seconds=sum(h["seconds"] for h in history),
-                   wall_seconds=time.time() - started, peak_memory_mb=peak_memory_mb())
-    draw_learning_curve(history, test_loss, f"{title}: test accuracy {100 * test_acc:.2f} %",
-                        os.path.join(out, "learning_curve.png"))
-    draw_confusion_matrix(cm, classes, f"{title}: confusion matrix (test set)",
-                          os.path.join(out, "confusion_matrix.png"))
-    draw_mistakes(test_images, labels, predictions, classes, f"{title}: misclassified test images",
-                  os.path.join(out, "mistakes.png"))
-    metrics = dict(network=title, options=options, recipe={k: v for k, v in recipe.items() if k != "init"},
-                   history=history, **results)
-    tmp = os.path.join(out, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(out, "metrics.json"))
-    print(f"test loss {test_loss:.4f}  accuracy {test_acc:.4f}  macro F1 {results['macro_f1']:.4f}"
-          + (f"  (without TTA: accuracy {results['without_tta']['test_accuracy']:.4f})" if tta else "")
-          + f"  wall time {results['wall_seconds']:.0f}s  outputs in {out}")
-    return metrics
 
 
 # --- bench ------------------------------------------------------------------------------------
@@ -3377,40 +3439,38 @@ def bench_layers(name, model, x, repeats=5, loop_images=1):
         x = layer.forward(x)
     rows = []
     for i, layer in enumerate(model.layers):
-        if not isinstance(layer, (Conv2D, MaxPool2D)):
-            continue
         xi = inputs[i]
         y = layer.forward(xi)
         g = nchw_view(np.ones(y.shape[:1] + y.shape[2:] + y.shape[1:2], y.dtype))
-        kwargs = {"input_grad": i != stop} if isinstance(layer, Conv2D) else {}
-        t_fwd, t_bwd = _forward_backward_times(lambda: layer.forward(xi), lambda: layer.backward(g, **kwargs),
-                                               repeats)
-        loop = MaxPool2D(layer.k, layer.stride, impl="loop") if isinstance(layer, MaxPool2D) else \
-            Conv2D(layer.in_channels, layer.out_channels, (layer.kh, layer.kw), layer.stride, layer.padding,
-                   impl="loop")
+        input_grad = i != stop
+        t_fwd, t_bwd = _forward_backward_times(lambda: layer.forward(xi),
+                                               lambda: layer.backward(g, input_grad=input_grad), repeats)
+        loop = copy.deepcopy(layer).to("loop")
         small = np.ascontiguousarray(xi[:loop_images])
         start = time.perf_counter()
         ys = loop.forward(small)
-        loop.backward(np.ones_like(ys), **kwargs)
+        loop.backward(np.ones_like(ys), input_grad=input_grad)
         t_loop = (time.perf_counter() - start) * len(xi) / loop_images
         row = f"  {name:<11}{layer!r:<44}{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}"
         rate = None
         if isinstance(layer, Conv2D):
-            f_fwd, f_bwd = _conv_flops(layer, y.shape, kwargs["input_grad"])
+            f_fwd, f_bwd = _conv_flops(layer, y.shape, input_grad)
             rate = (f_fwd + f_bwd) / (t_fwd + t_bwd) / 1e9
         rows.append((row + (f"{rate:9.1f}" if rate else f"{'':9}"), rate, t_loop, t_fwd + t_bwd))
         if i - 1 in pools:
             conv, xc = model.layers[i - 1], inputs[i - 1]
-            t_fwd, t_bwd = _forward_backward_times(lambda: conv.forward(xc, pool=layer),
+            t_fwd, t_bwd = _forward_backward_times(lambda: conv.forward_pooled(xc, layer),
                                                    lambda: conv.backward(g, input_grad=i - 1 != stop), repeats)
             rows.append((f"  {name:<11}{'  the two above as one (as in training)':<44}"
                          f"{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}", None, None, None))
     return rows
 
 
-def bench_network(model, shape, batch_size, epoch_images, steps, repeats):
-    """Training images/s (batch in, SGD step out, as train_epoch runs it), inference
-    images/s, and seconds per epoch of epoch_images at that training speed."""
+def bench_network(model, shape, batch_size, epoch_images, steps=20, repeats=3):
+    """Print and return training images/s (batch in, SGD step out, as train_epoch
+    runs it), inference images/s, and seconds per epoch of epoch_images at that
+    training speed, on random images of shape (C, H, W).  The scripts' --bench."""
+    keep_freed_memory()
     loss_fn = SoftmaxCrossEntropy()
     optimizer = SGD(model.parameters(), 0.01, momentum=0.9)
     rng = np.random.default_rng(0)
@@ -3425,65 +3485,111 @@ def bench_network(model, shape, batch_size, epoch_images, steps, repeats):
             optimizer.step()
     with TwinProcess.where_usable(model, loss_fn) as twin, one_blas_thread():  # as fit
         train_rate = steps * batch_size / _best_time(lambda: train_steps(twin), repeats)
-    test = rng.integers(0, 256, (8 * batch_size if steps < 10 else 2000,) + shape).astype(np.uint8)
-    infer_rate = len(test) / _best_time(lambda: predict_logits(model, test, mean, std), max(1, repeats - 1))
+    test_images = rng.integers(0, 256, (max(2000, 4 * batch_size),) + shape).astype(np.uint8)
+    infer_rate = len(test_images) / _best_time(lambda: predict_logits(model, test_images, mean, std), repeats)
+    print(f"batch {batch_size}: training {train_rate:,.0f} images/s ({epoch_images / train_rate:.1f} s per epoch "
+          f"of {epoch_images:,} images), inference {infer_rate:,.0f} images/s")
     return train_rate, infer_rate, epoch_images / train_rate
 
 
+# The convolutions and poolings of the documented networks, for the bench: name, batch,
+# input (C, H, W), then per convolution (out channels, kernel, padding, pooling after it).
+# Their activations and normalizations are left out: they do not change these layers'
+# shapes or memory layouts.  The networks themselves are in the train_*.py scripts.
+BENCH_SHAPES = [
+    ("net2", 64, (1, 28, 28), [(16, 3, 0, 2), (16, 3, 0, 2)]),
+    ("net3", 64, (3, 32, 32), [(8, 3, 0, 2), (16, 3, 0, 0), (32, 3, 0, 2)]),
+    ("net4", 256, (3, 32, 32), [(24, 2, 0, 0), (64, 3, 1, 2), (64, 3, 1, 0), (128, 3, 1, 2), (128, 3, 1, 0),
+                                (128, 3, 1, 2), (128, 3, 1, 0)]),
+]
+
+
+def bench_model(channels, convolutions, rng, net4=False):
+    """A Sequential of the convolutions (and poolings) of a BENCH_SHAPES entry;
+    network 4's have no bias and its first is not trained."""
+    layers = []
+    for out, kernel, padding, pool in convolutions:
+        layers.append(Conv2D(channels, out, kernel, padding=padding, bias=not net4, rng=rng))
+        layers += [MaxPool2D(pool)] if pool else []
+        channels = out
+    layers[0].trainable = not net4
+    return Sequential(*layers)
+
+
 def bench(argv):
-    """Print the machine's matmul ceiling, per-layer speed (fast vs loop) and
-    per-network throughput.  --quick: tiny batches, to check that it runs."""
+    """Print the machine's matmul ceiling and the speed of the documented networks'
+    convolutions and poolings, fast against the loops.  --quick: tiny batches, to
+    check that it runs."""
     quick = "--quick" in argv
     started, steal_start = time.time(), cpu_times()
     keep_freed_memory()
     rng = np.random.default_rng(0)
     peak = matmul_gflops(256 if quick else 2048)
-    print(f"machine: {os.cpu_count()} cores, NumPy {np.__version__}; float32 matmul "
+    print(f"machine: {os.cpu_count()} cores ({CORES} used), NumPy {np.__version__}; float32 matmul "
           f"{'256x256' if quick else '2048x2048'}: {peak:.0f} GFLOP/s (the ceiling below)\n")
-    repeats = 1 if quick else 5
-    # name, model, input shape, batch, images per epoch, bench steps, layer batch
-    networks = [("net1", mnist_network(1, rng=rng), (1, 28, 28), 64, 60000, 60, 64),
-                ("net2", mnist_network(2, rng=rng), (1, 28, 28), 64, 60000, 60, 64),
-                ("fashion", fashion_network(rng=rng), (1, 28, 28), 64, 60000, 60, 64),
-                ("net3", cifar_network3(rng=rng), (3, 32, 32), 64, 50000, 60, 64),
-                ("net4", cifar_network4(rng=rng), (3, 32, 32), 512, 50000, 2, 256)]
-    if quick:
-        networks = [(name, model, shape, 8, images, 1, 4) for name, model, shape, _, images, _, _ in networks]
-    # The networks first, printed last: measured after the layers, whose work arrays
-    # this process still holds when it forks its TwinProcess, they train slower.
-    network_rows = []
-    for name, model, shape, batch, epoch_images, steps, _ in networks:
-        if name == "net4":
-            init4(model, normalize(rng.integers(0, 256, (64,) + shape).astype(np.uint8),
-                                   np.full(3, 120, np.float32), np.full(3, 60, np.float32)))
-        train_rate, infer_rate, epoch = bench_network(model, shape, batch, epoch_images, steps, 1 if quick else 3)
-        network_rows.append(f"  {name:<10}{batch:>6}{train_rate:>13,.0f}{infer_rate:>13,.0f}{epoch:>9.1f}")
     print(f"  {'network':<11}{'layer (fast; loop on 1 image, scaled)':<44}{'fwd ms':>8}{'bwd ms':>8}"
           f"{'GFLOP/s':>9}{'% peak':>8}{'loop ms':>10}{'speed-up':>9}")
-    for name, model, shape, _, _, _, layer_batch in networks:
-        if name in ("net1", "fashion"):
-            continue
-        x = normalize(rng.integers(0, 256, (layer_batch,) + shape).astype(np.uint8),
-                      np.full(shape[0], 120, np.float32), np.full(shape[0], 60, np.float32))
-        for row, rate, t_loop, t_fast in bench_layers(f"{name} N={layer_batch}", model, x, repeats):
+    for name, batch, shape, convolutions in BENCH_SHAPES:
+        batch = 4 if quick else batch
+        model = bench_model(shape[0], convolutions, rng, net4=name == "net4")
+        x = rng.standard_normal((batch,) + shape).astype(np.float32)
+        for row, rate, t_loop, t_fast in bench_layers(f"{name} N={batch}", model, x, 1 if quick else 5):
             percent = f"{100 * rate / peak:7.0f}%" if rate else f"{'':8}"
             print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x" if t_loop else row)
-    print(f"\n  {'network':<10}{'batch':>6}{'train img/s':>13}{'infer img/s':>13}{'s/epoch':>9}"
-          f"  (epoch: 60,000 MNIST / 50,000 CIFAR-10 images)")
-    print("\n".join(network_rows))
     stolen = cpu_steal_since(steal_start)
-    print(f"\nbench took {time.time() - started:.0f} s" +
+    print(f"\nwhole networks: python train_mnist.py --net 2 --bench, train_cifar.py --net 4 --bench, ...")
+    print(f"bench took {time.time() - started:.0f} s" +
           (f"; the host took {stolen:.0%} of this VM's CPU time meanwhile (steal)" if stolen is not None else ""))
     return 0
 
 
-USAGE = """usage: python cnn.py bench [--quick]   measure the layers and networks on this machine
+def gradcheck():
+    """Print check_gradients for every layer in each of its forms, and the loss's
+    gradient: backward against central differences.  Returns 0 if all agree."""
+    rng = np.random.default_rng(0)
+    images, rows = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((2, 12))
+    cases = [(lambda impl: Conv2D(3, 4, 3, padding=1, impl=impl, rng=rng), images),
+             (lambda impl: Conv2D(3, 2, (3, 2), stride=2, impl=impl, rng=rng), images),
+             (lambda impl: MaxPool2D(2, impl=impl), images),
+             (lambda impl: MaxPool2D(3, stride=2, impl=impl), images),
+             (lambda impl: GlobalMaxPool2D(impl=impl), images),
+             (lambda impl: ReLU(impl=impl), images),
+             (lambda impl: GELU(impl=impl), images),
+             (lambda impl: Flatten(impl=impl), images),
+             (lambda impl: Dense(12, 5, rng=rng, impl=impl), rows),
+             (lambda impl: Scale(0.5, impl=impl), rows),
+             (lambda impl: BatchNorm2D(3, impl=impl), images)]
+    print(f"{'layer':<44}{'impl':<7}relative error of each gradient (x: the input's)")
+    worst = 0.0
+    for make, x in cases:
+        for impl in make("plain").impls:
+            layer = make(impl)
+            if layer.impl != impl:  # no version of its own: the row above
+                continue
+            errors = check_gradients(layer, x)
+            worst = max(worst, *errors.values())
+            print(f"{layer!r:<44}{impl:<7}" + "  ".join(f"{name} {error:.1e}" for name, error in errors.items()))
+    loss_fn, labels = SoftmaxCrossEntropy(label_smoothing=0.1), np.array([1, 4])
+    logits = rng.standard_normal((2, 5))
+    loss_fn.forward(logits, labels)
+    error = relative_error(loss_fn.backward(), numerical_gradient(lambda: loss_fn.forward(logits, labels), logits))
+    worst = max(worst, error)
+    print(f"{loss_fn!r:<51}logits {error:.1e}")
+    print(f"\nlargest: {worst:.1e} ({'all agree' if worst < 1e-7 else 'A GRADIENT IS WRONG'}: "
+          f"float64 central differences, relative error max|a - b| / max(|a| + |b|))")
+    return 0 if worst < 1e-7 else 1
+
+
+USAGE = """usage: python cnn.py gradcheck         every layer's backward against central differences
+       python cnn.py bench [--quick]   the speed of the documented networks' layers on this machine
        (training: python train_mnist.py --net 1|2, train_fashion.py, train_cifar.py --net 3|4)"""
 
 
 def main(argv):
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
+    if argv == ["gradcheck"]:
+        return gradcheck()
     print(USAGE)
     return 0 if not argv else 2
 

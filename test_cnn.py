@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import subprocess
 import sys
 import tarfile
@@ -20,6 +21,12 @@ import pytest
 import cnn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def mnist_network(net, rng=None):
+    """Network 1 or 2 as train_mnist.py defines it."""
+    import train_mnist
+    return train_mnist.NETWORKS[net](rng)
 
 
 def rel_error(a, b):
@@ -142,16 +149,48 @@ def test_pool_loop_plain_and_fast_agree(kernel, stride):
 
 
 def test_impl_picks_the_textbook_or_the_engine():
+    import copy
     assert type(cnn.Conv2D(1, 2, 3)) is cnn.FastConv2D and type(cnn.Conv2D(1, 2, 3, impl="plain")) is cnn.Conv2D
     assert type(cnn.Sequential()) is cnn.FastSequential and type(cnn.ReLU(impl="plain")) is cnn.ReLU
+    assert type(cnn.Conv2D(1, 2, 3, impl="loop")) is cnn.Conv2D and cnn.Conv2D(1, 2, 3, impl="loop").impl == "loop"
     layer = cnn.Conv2D(1, 2, 3, impl="plain")
-    import copy
     assert type(copy.deepcopy(layer)) is cnn.Conv2D and type(copy.copy(cnn.ReLU())) is cnn.FastReLU
+    assert type(pickle.loads(pickle.dumps(cnn.Sequential(cnn.ReLU())))) is cnn.FastSequential
+    # the model puts every layer in its form, in place: the layers you hold are the model's
+    relu, conv = cnn.ReLU(impl="plain"), cnn.Conv2D(1, 2, 3, impl="plain")
+    model = cnn.Sequential(conv, relu)
+    assert model.layers == [conv, relu] and type(conv) is cnn.FastConv2D and type(relu) is cnn.FastReLU
+    model.to("loop")
+    assert type(model) is cnn.Sequential and conv.impl == "loop" and relu.impl == "plain"
+    assert model.to("fast") is model and type(model) is cnn.FastSequential and conv.impl == "fast"
+    assert type(cnn.Scale(2.0)) is cnn.Scale and cnn.Scale(2.0).impl == "plain"  # no fast version: plain
     assert cnn.Sequential(cnn.Conv2D(1, 2, 3)).parameters()[0][0] == "0.Conv2D.W"
     with pytest.raises(ValueError, match=r"ReLU: impl must be one of \('plain', 'fast'\), got 'loop'"):
         cnn.ReLU(impl="loop")
-    with pytest.raises(TypeError, match=r"Conv2D: give impl as a keyword argument \(impl='loop'\)"):
-        cnn.Conv2D(1, 2, 3, 1, 0, "loop")
+    with pytest.raises(ValueError, match=r"Sequential: impl must be one of \('loop', 'plain', 'fast'\), got 'fsat'"):
+        cnn.Sequential(cnn.ReLU(), impl="fsat")
+    with pytest.raises(ValueError, match=r"Conv2D: impl must be one of \('loop', 'plain', 'fast'\), got 'fsat'"):
+        cnn.Conv2D(1, 2, 3, impl="fsat")
+    with pytest.raises(ValueError, match=r"ReLU: impl must be one of"):
+        cnn.Sequential(cnn.ReLU()).layers[0].to("Fast")
+
+
+def test_a_layer_of_your_own_keeps_its_class_in_a_fast_model():
+    class Twice(cnn.Conv2D):  # a user's subclass: no fast version is registered for it
+        def _forward(self, x):
+            return 2 * super()._forward(x)
+
+        def _backward(self, grad, input_grad=True):
+            return super()._backward(2 * grad, input_grad)
+    rng = np.random.default_rng(3)
+    layer = Twice(2, 3, 3, dtype=np.float64, rng=rng)
+    model = cnn.Sequential(layer, cnn.ReLU())
+    assert type(layer) is Twice and layer.impl == "plain" and type(model) is cnn.FastSequential
+    x = away_from_zero((2, 2, 5, 5), seed=4)
+    plain = cnn.Conv2D(2, 3, 3, dtype=np.float64, impl="plain")
+    plain.params = {k: v.copy() for k, v in layer.params.items()}
+    assert rel_error(model(x), np.maximum(2 * plain(x), 0)) < 1e-15
+    assert max(cnn.check_gradients(model, x).values()) < 1e-7
 
 
 @pytest.mark.parametrize("make", [lambda rng, impl: cnn.ReLU(impl=impl), lambda rng, impl: cnn.GELU(impl=impl),
@@ -201,13 +240,13 @@ def test_conv_with_its_max_pool_fused_matches_the_two_layers(c, f, channels_last
     g = rng.standard_normal(y.shape)
     dx = conv.backward(pool.backward(g))
     grads = {key: value.copy() for key, value in conv.grads.items()}
-    y_fused = conv.forward(x, pool=pool)
+    y_fused = conv.forward_pooled(x, pool)
     assert y_fused.shape == y.shape and rel_error(y_fused, y) < 1e-14
     assert rel_error(conv.backward(g), dx) < 1e-14
     for key in grads:
         assert rel_error(conv.grads[key], grads[key]) < 1e-14, key
     conv.training = pool.training = False
-    assert rel_error(conv.forward(x, pool=pool), y) < 1e-14
+    assert rel_error(conv.forward_pooled(x, pool), y) < 1e-14
 
 
 @pytest.mark.parametrize("c,f,channels_last,padding,stride,size,k", FUSED_CASES)
@@ -239,13 +278,14 @@ def test_which_pools_a_convolution_runs():
     conv = cnn.Conv2D(1, 2, 3)
     model = cnn.Sequential(conv, cnn.MaxPool2D(2), cnn.ReLU(),                  # fused
                            cnn.Conv2D(2, 2, 3), cnn.ReLU(), cnn.MaxPool2D(2),   # not adjacent
-                           cnn.Conv2D(2, 2, 3, impl="loop"), cnn.MaxPool2D(2),  # loop
+                           cnn.Conv2D(2, 2, 3), cnn.MaxPool2D(2),               # loop (below)
                            cnn.Conv2D(2, 2, 3), cnn.MaxPool2D(3, 2))            # overlapping windows
+    model.layers[6].to("loop")
     assert list(model.fused_pools()) == [0]
     with pytest.raises(ValueError, match="cannot run MaxPool2D"):
-        conv.forward(np.zeros((1, 1, 8, 8), np.float32), pool=cnn.MaxPool2D(3, 2))
+        conv.forward_pooled(np.zeros((1, 1, 8, 8), np.float32), cnn.MaxPool2D(3, 2))
     with pytest.raises(ValueError, match="smaller than the window"):
-        conv.forward(np.zeros((1, 1, 4, 4), np.float32), pool=cnn.MaxPool2D(3))
+        conv.forward_pooled(np.zeros((1, 1, 4, 4), np.float32), cnn.MaxPool2D(3))
 
 
 def test_conv_known_output():
@@ -719,13 +759,13 @@ def test_batches_cover_every_index_once_and_are_reproducible():
 def test_augmentation_only_moves_pixels():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 3, 8, 8)).astype(np.uint8)
-    cropped = cnn.random_crop(images, 2, rng, "reflect")
+    cropped = cnn.crop_at(images, 2, rng.integers(0, 5, 16), rng.integers(0, 5, 16), "reflect")
     assert cropped.shape == images.shape
     padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
     for k in range(16):  # each output is one of the 25 shifted windows of its own image
         assert any(np.array_equal(cropped[k], padded[k, :, dy:dy + 8, dx:dx + 8])
                    for dy in range(5) for dx in range(5))
-    zero = cnn.random_crop(images, 3, rng, "zero")
+    zero = cnn.crop_at(images, 3, rng.integers(0, 7, 16), rng.integers(0, 7, 16), "zero")
     assert zero.shape == images.shape
     for pad, mode in [(1, "reflect"), (2, "reflect"), (9, "reflect"), (2, "zero"), (0, "reflect")]:
         want = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect" if mode == "reflect" else "constant")
@@ -856,7 +896,8 @@ def test_whitening_filters_whiten_the_patches():
     mixing = rng.standard_normal((3, 3))  # correlated channels, and neighbouring pixels via blur
     x = np.einsum("ij,njhw->nihw", mixing, rng.standard_normal((40, 3, 12, 12)))
     x = x + np.roll(x, 1, axis=3)
-    filters = cnn.whitening_filters(x, 2, eps=0.0)
+    import train_cifar
+    filters = train_cifar.whitening_filters(x, 2, eps=0.0)
     assert filters.shape == (24, 3, 2, 2)
     assert np.array_equal(filters[12:], -filters[:12])
     conv = cnn.Conv2D(3, 12, 2, bias=False, dtype=np.float64)
@@ -868,7 +909,8 @@ def test_whitening_filters_whiten_the_patches():
 
 def test_dirac_init_passes_channels_through():
     conv = cnn.Conv2D(3, 5, 3, padding=1, bias=False, dtype=np.float64)
-    cnn.dirac_init(conv)
+    import train_cifar
+    train_cifar.dirac_init(conv)
     x = np.random.default_rng(13).standard_normal((2, 3, 6, 7))
     y = conv.forward(x)
     assert np.array_equal(y[:, :3], x)
@@ -885,12 +927,21 @@ def test_frozen_first_layer_gets_no_gradient_and_is_not_updated():
     before = whiten.params["W"].copy()
     loss_fn = cnn.SoftmaxCrossEntropy()
     loss_fn.forward(model.forward(x), np.array([0, 1]))
-    assert model.backward(loss_fn.backward()) is None  # stops at the first trained layer
+    # input_grad=False, as training passes it: stops at the first trained layer
+    assert model.backward(loss_fn.backward(), input_grad=False) is None
     assert whiten.grads == {}
+    grads = {name: layer.grads[key].copy() for name, layer, key in model.parameters()}
     cnn.SGD(model.parameters(), 0.1).step()
     assert np.array_equal(whiten.params["W"], before)
-    dx = model.backward(loss_fn.backward(), input_grad=True)  # still available on request
-    assert dx.shape == x.shape
+    model.forward(x)  # the same weights as above for the other path
+    whiten.params["W"][:] = before
+    for name, layer, key in model.parameters():
+        layer.params[key] += 0.1 * grads[name]
+    model.forward(x)
+    dx = model.backward(loss_fn.backward())  # by default, dL/dx too, and the same parameter gradients
+    assert dx.shape == x.shape and whiten.grads == {}
+    for name, layer, key in model.parameters():
+        assert np.allclose(layer.grads[key], grads[name], rtol=1e-12, atol=0), name
 
 
 def test_lr_scale_does_not_scale_weight_decay():
@@ -1363,13 +1414,13 @@ def test_each_part_uses_only_the_parts_before_it():
     text = open(os.path.join(HERE, "cnn.py")).read().splitlines()[starts["I"]:starts["II"]]
     assert not any(word in line for line in text for word in ("threading", "ctypes", "multiprocessing", "global "))
     assert all(isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Expr)) for node in part_one)
-    # the first part is a textbook: under about 900 lines, no class over about 100
-    assert starts["II"] - starts["I"] < 950
+    # the first part is a textbook: under about 950 lines, no class over about 100
+    assert starts["II"] - starts["I"] < 1000
     assert max(node.end_lineno - node.lineno for node in part_one if isinstance(node, ast.ClassDef)) < 130
 
 
 def test_part_one_alone_trains_a_small_network(tmp_path):
-    # cnn.py cut before Part II: the textbook runs on its own (impl="fast" falls back to plain)
+    # cnn.py cut before Part II: the textbook runs on its own (impl="fast" gives the plain layers)
     source = open(os.path.join(HERE, "cnn.py")).read()
     cut = source.index("# ======================================================================================\n# Part II,")
     (tmp_path / "textbook.py").write_text(source[:cut])
@@ -1379,7 +1430,7 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((16, 1, 8, 8)); y = np.arange(16) % 4
 model = t.Sequential(t.Conv2D(1, 6, 3, padding=1, dtype=np.float64, rng=rng), t.BatchNorm2D(6, dtype=np.float64),
                      t.GELU(), t.MaxPool2D(2), t.Flatten(), t.Dense(96, 4, dtype=np.float64, rng=rng))
-assert type(model.layers[0]) is t.Conv2D and model.layers[0].impl == "fast"
+assert type(model.layers[0]) is t.Conv2D and model.layers[0].impl == "plain" and model.impl == "plain"
 loss_fn, opt = t.SoftmaxCrossEntropy(), t.Adam(model.parameters(), 0.01)
 first = loss_fn.forward(model(x), y)
 for _ in range(100):
@@ -1599,15 +1650,63 @@ def test_only_the_training_loop_starts_a_twin_process(monkeypatch, tmp_path):
         assert multiprocessing.active_children() == []
 
 
-def test_bench_runs_with_cnn_py_alone(tmp_path):
+def test_bench_and_gradcheck_run_with_cnn_py_alone(tmp_path):
     import shutil
     shutil.copy(os.path.join(HERE, "cnn.py"), tmp_path)
     result = subprocess.run([sys.executable, "cnn.py", "bench", "--quick"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for name in ("net1", "net2", "fashion", "net3", "net4"):
-        assert f"  {name} " in result.stdout
+    for name in ("net2", "net3", "net4"):
+        assert f"  {name} N=4 " in result.stdout
     assert "Conv2D(24, 64, (3, 3)" in result.stdout and "bench took" in result.stdout
+    result = subprocess.run([sys.executable, "cnn.py", "gradcheck"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "Conv2D(3, 4, (3, 3)" in line]
+    assert [row.split()[6] for row in rows] == ["loop", "plain", "fast"]
+    errors = [float(word) for line in result.stdout.splitlines()[1:-2] for word in line.split()
+              if word[:1].isdigit() and "e-" in word]
+    assert len(errors) > 40 and max(errors) < 1e-7 and "all agree" in result.stdout
+
+
+def test_gradcheck_finds_a_wrong_backward():
+    class WrongReLU(cnn.ReLU):
+        def _backward(self, grad):
+            return grad * (self.y >= 0) * 1.01  # 1 % off
+    x = away_from_zero((2, 3, 4, 4), seed=5)
+    assert cnn.check_gradients(cnn.ReLU(), x)["x"] < 1e-8
+    assert 0.004 < cnn.check_gradients(WrongReLU(impl="plain"), x)["x"] < 0.006
+    layer = cnn.Dense(12, 3)  # float32 layer: checked in float64, the layer itself unchanged
+    before = layer.params["W"].copy()
+    errors = cnn.check_gradients(layer, away_from_zero((4, 12), seed=6))
+    assert set(errors) == {"x", "W", "b"} and max(errors.values()) < 1e-8
+    assert layer.params["W"].dtype == np.float32 and np.array_equal(layer.params["W"], before)
+
+
+def conv_shapes(model):
+    """(out channels, kernel, padding, pooling after it) of each convolution of model."""
+    layers = model.layers
+    return [(conv.out_channels, conv.kh, conv.padding,
+             layers[i + 1].k if i + 1 < len(layers) and isinstance(layers[i + 1], cnn.MaxPool2D) else 0)
+            for i, conv in enumerate(layers) if isinstance(conv, cnn.Conv2D)]
+
+
+def test_the_bench_times_the_scripts_networks_shapes():
+    import train_cifar
+    import train_mnist
+    rng = np.random.default_rng(0)
+    networks = {"net2": train_mnist.network2(rng), "net3": train_cifar.network3(rng),
+                "net4": train_cifar.network4(rng)}
+    for name, batch, shape, convolutions in cnn.BENCH_SHAPES:
+        assert conv_shapes(networks[name]) == convolutions, name
+
+
+@pytest.mark.parametrize("script,args", [("train_mnist.py", ["--net", "2"]), ("train_cifar.py", ["--net", "4"])])
+def test_scripts_bench_their_own_network(script, args):
+    result = run(script, *args, "--bench", "--batch-size", "16")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"batch 16: training [\d,]+ images/s \([\d.]+ s per epoch of [\d,]+ images\), "
+                     r"inference [\d,]+ images/s", result.stdout), result.stdout
 
 
 def test_readme_example_runs(tmp_path):
@@ -1672,7 +1771,7 @@ def test_integer_input_is_refused_by_every_layer():
     for layer in layers:
         given = x.reshape(2, -1) if isinstance(layer, cnn.Dense) else x
         with pytest.raises(TypeError, match=rf"{re_escape(layer)}: input must be floating-point, got uint8 "
-                                            r"\(normalize integer images first"):
+                                            r"\(convert integer images to float first"):
             layer.forward(given)
     with pytest.raises(TypeError, match="got int64"):
         cnn.Sequential(cnn.Conv2D(1, 2, 3)).predict(np.zeros((1, 1, 5, 5), np.int64))
@@ -1692,7 +1791,7 @@ def test_optimizers_take_model_parameters():
 def make_checkpoint(folder, net=2):
     """A model.npz for train_mnist.py --net NET, as training writes it."""
     os.makedirs(folder, exist_ok=True)
-    model = cnn.mnist_network(net, rng=np.random.default_rng(0))
+    model = mnist_network(net, np.random.default_rng(0))
     meta = dict(mean=[33.0], std=[60.0], classes=[str(i) for i in range(10)], input_shape=[1, 28, 28],
                 position=cnn.new_position(1), history=[], options={})
     cnn.save_checkpoint(os.path.join(folder, "model.npz"), model,
@@ -1845,7 +1944,7 @@ def test_an_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_p
     first = interrupted(at_step, signal_name, *common, "--out", out)
     if signal_name == "SIGINT":
         assert first.returncode == 130 and "interrupted: saved" in first.stderr, first.stderr
-        position = cnn.load_checkpoint(os.path.join(out, "model.npz"), cnn.mnist_network(2))["position"]
+        position = cnn.load_checkpoint(os.path.join(out, "model.npz"), mnist_network(2))["position"]
         assert (position["epoch"], position["batch"], position["seen"]) == (1, 5, 80)
         expected = "after epoch 1, step 5 of epoch 2"
     else:
