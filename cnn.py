@@ -1050,7 +1050,31 @@ def check_gradients(layer, x, seed=12345):
 # The switch: CORES is how many cores the engine's own parallelism uses (its threads,
 # its split of the batch, its twin process).  cnn.CORES = 1 turns all of it off.
 
-CORES = os.cpu_count() or 1
+def usable_cores(cgroup="/sys/fs/cgroup"):
+    """How many cores this process may use: those the scheduler lets it run on
+    (os.sched_getaffinity, e.g. under taskset), or fewer where Linux shows a CPU
+    quota for its container (cgroup v2's cpu.max, v1's cpu.cfs_quota_us)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    for quota_file, period_file in ((f"{cgroup}/cpu.max", None),
+                                    (f"{cgroup}/cpu/cpu.cfs_quota_us", f"{cgroup}/cpu/cpu.cfs_period_us")):
+        try:
+            with open(quota_file) as f:
+                words = f.read().split()
+            if period_file:
+                with open(period_file) as f:
+                    words.append(f.read().strip())
+            quota, period = words[0], words[-1]
+            if quota not in ("max", "-1"):
+                count = min(count, max(1, int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
+
+
+CORES = usable_cores()
 SPLIT_MIN = 1 << 16   # fewer elements than this: a thread costs more than it saves
 CHUNK_BYTES = 1 << 20  # im2col is built and multiplied in pieces of about this size
 EVAL_BATCH = 256       # evaluation batch: large enough for BLAS, small enough for the cache
@@ -2087,11 +2111,6 @@ class TwinProcess:
     train_epoch (Part III) starts one, for one epoch at a time: change the layers
     (not just the weights) only between epochs."""
 
-    @staticmethod
-    def usable(model):
-        return (sys.platform.startswith("linux") and CORES > 1 and blas_threads(None) is not None
-                and not needs_whole_batch(model))
-
     def __init__(self, model, loss_fn):
         self.model, self.loss_fn, self.process = model, loss_fn, None
         self.weights = [(layer, key) for layer in model.layers for key in layer.params]
@@ -2188,17 +2207,24 @@ class TwinProcess:
                 self.process.terminate()
             self.process = None
 
-    @classmethod
-    @contextlib.contextmanager
-    def where_usable(cls, model, loss_fn):
-        """A TwinProcess for the block if one can run here for this model (usable),
-        else None; closed when the block ends, however it ends."""
-        twin = cls(model, loss_fn) if cls.usable(model) else None
-        try:
-            yield twin
-        finally:
-            if twin is not None:
-                twin.close()
+
+def twin_process_usable(model):
+    """Whether a TwinProcess can train this model here: on Linux, with two cores or
+    more, OpenBLAS's thread count settable, and no batch statistics in the model."""
+    return (sys.platform.startswith("linux") and CORES > 1 and blas_threads(None) is not None
+            and not needs_whole_batch(model))
+
+
+@contextlib.contextmanager
+def twin_process(model, loss_fn):
+    """A TwinProcess for the block if one is usable for this model, else None;
+    closed when the block ends, however it ends."""
+    twin = TwinProcess(model, loss_fn) if twin_process_usable(model) else None
+    try:
+        yield twin
+    finally:
+        if twin is not None:
+            twin.close()
 
 
 # ======================================================================================
@@ -2763,7 +2789,7 @@ def train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoc
         upcoming = next(batches, None)
 
     prepare_next()
-    with TwinProcess.where_usable(model, loss_fn) as twin:
+    with twin_process(model, loss_fn) as twin:
         while upcoming is not None:
             x, y = upcoming
             step = at["epoch"] * steps_per_epoch + at["batch"]
@@ -3483,7 +3509,7 @@ def bench_network(model, shape, batch_size, epoch_images, steps=20, repeats=3):
         for _ in range(steps):
             train_step(model, loss_fn, normalize(images, mean, std), labels, twin)
             optimizer.step()
-    with TwinProcess.where_usable(model, loss_fn) as twin, one_blas_thread():  # as fit
+    with twin_process(model, loss_fn) as twin, one_blas_thread():  # as fit
         train_rate = steps * batch_size / _best_time(lambda: train_steps(twin), repeats)
     test_images = rng.integers(0, 256, (max(2000, 4 * batch_size),) + shape).astype(np.uint8)
     infer_rate = len(test_images) / _best_time(lambda: predict_logits(model, test_images, mean, std), repeats)

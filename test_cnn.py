@@ -1237,7 +1237,7 @@ def small_model(rng):
         cnn.Dense(24, 5, rng=rng), cnn.ReLU(), cnn.Dense(5, 3, rng=rng))
 
 
-needs_twin = pytest.mark.skipif(not cnn.TwinProcess.usable(cnn.Sequential()),
+needs_twin = pytest.mark.skipif(not cnn.twin_process_usable(cnn.Sequential()),
                                 reason="a TwinProcess needs Linux, 2 cores and OpenBLAS")
 
 
@@ -1627,7 +1627,7 @@ def test_cores_1_turns_the_engines_own_parallelism_off(monkeypatch):
     models, x, y = embedding_models()
     for model in models:
         run_model(model, x, y, steps=1)
-        assert not cnn.TwinProcess.usable(model)
+        assert not cnn.twin_process_usable(model)
     assert all(parts == 1 for parts in calls) and threading.active_count() == threads
 
 
@@ -1640,7 +1640,7 @@ def test_only_the_training_loop_starts_a_twin_process(monkeypatch, tmp_path):
     for model in models:
         run_model(model, x, y, steps=2)  # layers, Sequential, train_step and predict
     assert starts == [] and multiprocessing.active_children() == []
-    if cnn.TwinProcess.usable(models[0]):
+    if cnn.twin_process_usable(models[0]):
         images = np.random.default_rng(62).integers(0, 256, (40, 3, 8, 8)).astype(np.uint8)
         labels = np.arange(40) % 3
         mean, std = np.full(3, 120, np.float32), np.full(3, 60, np.float32)
@@ -2009,3 +2009,84 @@ def test_im2col_is_the_textbook_matrix_and_col2im_its_adjoint():
         c = rng.standard_normal(cols.shape)
         # <im2col(x), c> = <x, col2im(c)>: col2im is the adjoint (transpose) of im2col
         assert np.sum(cols * c) == pytest.approx(np.sum(x * cnn.col2im(c, x.shape, 3, 2, stride, padding)), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- the scripts and Part I as a textbook
+
+
+def test_a_recipe_with_an_unknown_key_or_value_is_refused():
+    recipe = dict(epochs=1, batch_size=8, lr=0.1, nestrov=True)
+    with pytest.raises(ValueError, match=r"recipe: unknown key 'nestrov'; the known keys are epochs, .*nesterov"):
+        cnn.parse_options("", {None: recipe}, [])
+    with pytest.raises(ValueError, match=r"recipe: schedule must be one of \('constant', 'cosine', "
+                                         r"'warmup_linear'\), got 'cosin'"):
+        cnn.check_recipe(dict(schedule="cosin"))
+    import train_cifar
+    import train_fashion
+    import train_mnist
+    for recipe in list(train_mnist.RECIPES.values()) + list(train_cifar.RECIPES.values()) + [train_fashion.RECIPE]:
+        cnn.check_recipe(recipe)
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "model.npz"
+    cnn.save_npz(str(path), {"a": np.arange(3)})
+    before = path.read_bytes()
+
+    class Unsavable:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        cnn.save_npz(str(path), {"a": np.arange(5), "b": Unsavable()})
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.npz"]
+    with cnn.atomic_write(str(tmp_path / "new.json"), "w") as f:
+        f.write("{}")
+        assert not (tmp_path / "new.json").exists()  # only once the block ends
+    assert (tmp_path / "new.json").read_text() == "{}"
+
+
+def test_cores_follow_the_affinity_and_the_containers_quota(tmp_path, monkeypatch):
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no sched_getaffinity here")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cnn.usable_cores(str(tmp_path)) == 4  # no quota files
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cnn.usable_cores(str(tmp_path)) == 4
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # 2.5 cores
+    assert cnn.usable_cores(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert cnn.usable_cores(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cnn.usable_cores(str(tmp_path)) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert cnn.usable_cores(str(tmp_path)) == 1
+
+
+def test_the_scripts_define_their_networks_and_read_top_to_bottom():
+    import ast
+    for script in ("train_mnist.py", "train_fashion.py", "train_cifar.py"):
+        source = open(os.path.join(HERE, script)).read()
+        assert len(source.splitlines()) <= 150, script
+        tree = ast.parse(source)
+        calls = [node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                 and node.func.value.id == "cnn"]
+        steps = ["parse_options", "load_data", "build_model", "train", "test", "write_outputs"]
+        assert [call for call in calls if call in steps] == steps, script
+        assert "Sequential(" in source and "Conv2D(" in source, script
+    for name in ("mnist_network", "cifar_network4", "init4", "run_script", "random_crop", "HasFastVersion",
+                 "twin_of", "whitening_filters"):
+        assert not hasattr(cnn, name), name
+
+
+def test_part_one_has_no_hooks_of_the_later_parts():
+    defined, statements, starts, total = part_of_each_top_level_name()
+    text = "\n".join(open(os.path.join(HERE, "cnn.py")).read().splitlines()[starts["I"]:starts["II"]])
+    for word in ("airbench", "**options", "cnn.normalize", "train_step", "iterate_batches", "__new__",
+                 "__subclasses__", 'getattr(layer, "'):
+        assert word not in text, word
+    for attribute in ("trainable", "lr_scale", "buffer_names", "training"):
+        assert hasattr(cnn.Layer, attribute) and f"    {attribute} = " in text, attribute
