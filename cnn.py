@@ -1892,17 +1892,6 @@ class FastFlatten(Flatten):
         return in_memory_order(grad_out.reshape(self.x_shape), self.x_order)
 
 
-class FastDense(Dense):
-    """Dense with the bias gradient as a BLAS product."""
-    is_fast = True
-
-    def _backward(self, grad_out):
-        self.grads["W"] = self.x.T @ grad_out
-        if "b" in self.params:
-            self.grads["b"] = column_sum(grad_out)
-        return grad_out @ self.params["W"].T
-
-
 class FastBatchNorm2D(BatchNorm2D):
     """BatchNorm over channels-last rows (N*H*W, C): sums as BLAS products and einsum,
     the element-wise passes in place and over threads."""
@@ -2004,7 +1993,7 @@ class FastSequential(Sequential):
 # What impl="fast" builds (Layer.to, Sequential.to): each Part I class and its version here.
 Layer.fast_versions.update({
     Conv2D: FastConv2D, MaxPool2D: FastMaxPool2D, GlobalMaxPool2D: FastGlobalMaxPool2D, ReLU: FastReLU,
-    GELU: FastGELU, Flatten: FastFlatten, Dense: FastDense, BatchNorm2D: FastBatchNorm2D,
+    GELU: FastGELU, Flatten: FastFlatten, BatchNorm2D: FastBatchNorm2D,
     Sequential: FastSequential})
 
 
@@ -3511,7 +3500,7 @@ def bench_network(model, shape, batch_size, epoch_images, steps=20, repeats=3):
             optimizer.step()
     with twin_process(model, loss_fn) as twin, one_blas_thread():  # as fit
         train_rate = steps * batch_size / _best_time(lambda: train_steps(twin), repeats)
-    test_images = rng.integers(0, 256, (max(2000, 4 * batch_size),) + shape).astype(np.uint8)
+    test_images = rng.integers(0, 256, (8 * batch_size,) + shape).astype(np.uint8)
     infer_rate = len(test_images) / _best_time(lambda: predict_logits(model, test_images, mean, std), repeats)
     print(f"batch {batch_size}: training {train_rate:,.0f} images/s ({epoch_images / train_rate:.1f} s per epoch "
           f"of {epoch_images:,} images), inference {infer_rate:,.0f} images/s")
