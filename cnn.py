@@ -11,7 +11,7 @@ multiply.  Part I uses nothing defined after it: copy it alone and it trains.
 Part II, the engine.  Faster versions of the same layers, which impl="fast", the
 default, picks (Layer.fast_versions).  They give Part I's numbers up to float32
 rounding; everything that exists only for speed is here (memory layouts, im2col in
-cache-sized pieces, convolution and pooling fused, threads, a forked twin process for
+cache-sized pieces, convolution and pooling fused, threads, a twin process for
 training, OpenBLAS's thread count, malloc settings).  It is safe to embed: importing
 it changes nothing outside this module, models may run in several threads of your
 program at once, and a process forked from yours can run layers.  Set cnn.CORES = 1
@@ -34,11 +34,12 @@ import hashlib
 import json
 import math
 import mmap
-import multiprocessing
 import os
 import pickle
+import queue
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -77,6 +78,7 @@ class Layer:
     trainable = True       # False: fixed parameters (no gradient, no update; see Conv2D)
     lr_scale = 1.0         # multiplies the learning rate of this layer's gradient step
     buffer_names = ()      # arrays saved with the model that are not trained (running statistics)
+    saved_for_backward = ()  # what a training-mode forward keeps for backward
 
     def __init__(self, impl="fast"):
         self.params, self.grads = {}, {}
@@ -103,6 +105,13 @@ class Layer:
     def __call__(self, x):
         return self.forward(x)
 
+    def __getstate__(self):
+        """What copies and pickles keep: the settings, parameters and buffers, not what
+        the last forward saved for backward, nor the gradients."""
+        state = {k: v for k, v in vars(self).items() if k not in self.saved_for_backward}
+        state.update(grads={}, output_shape=None)
+        return state
+
     def input_pattern(self):
         """The input shape this layer takes, names standing for any size, e.g.
         ("N", 3, "H", "W"); None: any shape."""
@@ -115,6 +124,8 @@ class Layer:
         if x.dtype.kind != "f":
             raise TypeError(f"{self!r}: input must be floating-point, got {x.dtype} "
                             f"(convert integer images to float first, e.g. x / 255)")
+        if x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"{self!r}: empty batch, input of shape {tuple(x.shape)}")
         pattern = self.input_pattern()
         if pattern is not None and not shape_fits(x.shape, pattern):
             want = "(" + ", ".join(str(p) for p in pattern) + ")"
@@ -215,6 +226,7 @@ class Conv2D(Layer):
     impl="loop" computes exactly that with Python loops; impl="plain" as im2col and
     one matrix multiply.  trainable = False fixes the weights (network 4's whitening
     filters): backward then leaves no gradient for them."""
+    saved_for_backward = ("x_shape", "xp", "cols")
     impls = ("loop", "plain", "fast")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
@@ -341,6 +353,7 @@ class MaxPool2D(Layer):
     """Max over each kernel_size x kernel_size window (stride defaults to the kernel).
     The gradient goes to the first maximum of each window (row-major order, as in
     PyTorch) and adds up where windows overlap."""
+    saved_for_backward = ("x_shape", "argmax")
     impls = ("loop", "plain", "fast")
 
     def __init__(self, kernel_size=2, stride=None, impl="fast"):
@@ -413,6 +426,7 @@ class MaxPool2D(Layer):
 class GlobalMaxPool2D(Layer):
     """(N, C, H, W) -> (N, C): the largest value of each channel; its gradient goes
     to the first maximum."""
+    saved_for_backward = ("x_shape", "argmax")
 
     def input_pattern(self):
         return ("N", "C", "H", "W")
@@ -433,6 +447,7 @@ class GlobalMaxPool2D(Layer):
 
 class ReLU(Layer):
     """y = max(x, 0); dy/dx = 1 where x > 0, else 0."""
+    saved_for_backward = ("y",)
 
     def _forward(self, x):
         y = np.maximum(x, 0)
@@ -446,6 +461,7 @@ class ReLU(Layer):
 
 class GELU(Layer):
     """GELU, tanh approximation: y = x/2 * (1 + t), t = tanh(u), u = C (x + A x^3)."""
+    saved_for_backward = ("x", "t")
     C, A = math.sqrt(2.0 / math.pi), 0.044715
 
     def _forward(self, x):
@@ -463,6 +479,7 @@ class GELU(Layer):
 
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W), in C, H, W order."""
+    saved_for_backward = ("x_shape",)
 
     def _forward(self, x):
         self.x_shape = x.shape
@@ -474,6 +491,7 @@ class Flatten(Layer):
 
 class Dense(Layer):
     """y = x @ W + b with W: (in_features, out_features)."""
+    saved_for_backward = ("x",)
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None, impl="fast"):
         super().__init__(impl)
@@ -522,7 +540,11 @@ class BatchNorm2D(Layer):
     """Batch normalization over N, H, W for each channel, PyTorch semantics: batch
     statistics in training (the running variance is updated with the unbiased
     estimate), running statistics in evaluation.  scale=False fixes gamma at 1 (only
-    the shift beta is trained)."""
+    the shift beta is trained).  use_running_stats = True normalizes with the running
+    statistics in training mode too, without changing them: a fixed per-channel
+    affine map, whose backward is gamma / sigma * grad (saliency uses it)."""
+    use_running_stats = False
+    saved_for_backward = ("xhat", "inv_std")
     buffer_names = ("running_mean", "running_var")
 
     def __init__(self, channels, momentum=0.1, eps=1e-5, scale=True, dtype=np.float32, impl="fast"):
@@ -547,7 +569,7 @@ class BatchNorm2D(Layer):
 
     def _forward(self, x):
         axes, count = (0, 2, 3), x.size // self.channels
-        if self.training:
+        if self.training and not self.use_running_stats:
             mean, var = x.mean(axis=axes), x.var(axis=axes)        # mean, var: (C,)
             self.update_running_stats(mean, var, count)
         else:
@@ -577,6 +599,8 @@ class BatchNorm2D(Layer):
             self.grads["gamma"] = (grad * xhat).sum(axis=axes)
         gamma = self.params.get("gamma", np.ones(self.channels, grad.dtype))
         gx = grad * gamma[:, None, None]
+        if self.use_running_stats:  # mu and sigma fixed: only x's own xhat depends on it
+            return (gx * self.inv_std[:, None, None]).astype(grad.dtype, copy=False)
         mean_gx = gx.mean(axis=axes, keepdims=True)
         mean_gx_xhat = (gx * xhat).mean(axis=axes, keepdims=True)
         return ((gx - mean_gx - xhat * mean_gx_xhat) * self.inv_std[:, None, None]).astype(grad.dtype, copy=False)
@@ -607,6 +631,8 @@ class SoftmaxCrossEntropy:
         if logits.ndim != 2 or logits.dtype.kind != "f":
             raise ValueError(f"{self!r}: logits must be floating-point (N, K), got {logits.dtype} {logits.shape}")
         n, k = logits.shape
+        if n == 0:
+            raise ValueError(f"{self!r}: empty batch, logits of shape {logits.shape}")
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise ValueError(f"{self!r}: labels must be 1-D integers, got {labels.dtype} {labels.shape}")
         if len(labels) != n:
@@ -805,24 +831,49 @@ def save_npz(path, arrays):
 def load_npz(path):
     """{name: array} of an .npz file of plain numeric arrays, or a DataError naming the
     file and the problem.  Never unpickles (an .npz can hold pickled objects, which
-    could run code)."""
+    could run code), and reads an array only after its header proved that the file
+    holds all the numbers it declares, so a damaged or forged header cannot make it
+    allocate more than the file holds."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not a model file (not an .npz archive: cut short, or another kind of file)")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except ValueError as e:
-        if "pickle" not in str(e):
-            raise DataError(f"{path}: damaged model file (ValueError: {e})") from None
-        raise DataError(f"{path}: not a model file of ours (it holds pickled objects, which are never loaded)") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        with zipfile.ZipFile(path) as archive:
+            return dict(read_npy_member(path, archive, info) for info in archive.infolist())
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: damaged model file ({type(e).__name__}: {e})") from None
-    for name, value in arrays.items():
-        if value.dtype.kind not in "biuf":
-            raise DataError(f"{path}: not a model file of ours ({name} holds {value.dtype}, not numbers)")
-    return arrays
+
+
+def read_npy_member(path, archive, info):
+    """(name, array) of one member of an .npz archive: an .npy file, a header that
+    gives its shape and type, then exactly that many numbers."""
+    name = info.filename[:-len(".npy")]
+    if not info.filename.endswith(".npy"):
+        raise DataError(f"{path}: not a model file of ours ({info.filename} is not an .npy array)")
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise DataError(f"{path}: not a model file of ours ({name}: .npy version {version})")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if dtype.hasobject:
+            raise DataError(f"{path}: not a model file of ours (it holds pickled objects, which are never loaded)")
+        if dtype.kind not in "biuf":
+            raise DataError(f"{path}: not a model file of ours ({name} holds {dtype}, not numbers)")
+        size = math.prod(shape) * dtype.itemsize
+        held = info.file_size - f.tell()
+        if size != held:
+            raise DataError(f"{path}: damaged model file ({name} declares {shape} {dtype}, {size:,} bytes, "
+                            f"but holds {held:,})")
+        data = f.read(size)
+    if len(data) != size:
+        raise DataError(f"{path}: damaged model file ({name} is cut short)")
+    array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
+    return name, array.copy(order="K")
 
 
 class Sequential:
@@ -882,16 +933,15 @@ class Sequential:
             layer.training = False
         return self
 
-    @contextlib.contextmanager
-    def evaluating(self):
-        """Evaluation mode within the block, each layer's mode restored after it."""
-        modes = [layer.training for layer in self.layers]
-        self.eval()
-        try:
-            yield self
-        finally:
-            for layer, mode in zip(self.layers, modes):
-                layer.training = mode
+    def evaluation_copy(self):
+        """A copy in evaluation mode that shares this model's parameter arrays: what
+        predict runs, so that predicting writes nothing to the model (no mode, no
+        saved arrays, no BatchNorm statistics), from any number of threads at once."""
+        model = copy.copy(self)
+        model.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in model.layers:
+            layer.training = False
+        return model
 
     def parameters(self):
         """[(name, layer, key)] for every trained array, e.g. ("0.Conv2D.W", conv, "W")."""
@@ -907,21 +957,21 @@ class Sequential:
         return arrays
 
     def predict(self, x, batch_size=256):
-        """Logits for x in evaluation mode, batch by batch, without backward caches."""
-        with self.evaluating():
-            return np.concatenate([self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        """Logits for x in evaluation mode (evaluation_copy), batch by batch."""
+        model = self.evaluation_copy()
+        batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)] or [x]  # [x]: empty, an error
+        return np.concatenate([model.forward(batch) for batch in batches])
 
     def summary(self, input_shape, file=None):
         """Print each layer's output shape and parameter count for one input of
         input_shape (C, H, W); returns the text."""
         lines = [f"{'layer':<44}{'output shape':>20}{'parameters':>12}"]
         x, total = np.zeros((1,) + tuple(input_shape), np.float32), 0
-        with self.evaluating():
-            for layer in self.layers:
-                x = layer.forward(x)
-                count = sum(p.size for p in layer.params.values())
-                total += count
-                lines.append(f"{layer!r:<44}{str(tuple(x.shape[1:])):>20}{count:>12,}")
+        for layer in self.evaluation_copy().layers:
+            x = layer.forward(x)
+            count = sum(p.size for p in layer.params.values())
+            total += count
+            lines.append(f"{layer!r:<44}{str(tuple(x.shape[1:])):>20}{count:>12,}")
         lines.append(f"{'total':<64}{total:>12,}")
         text = "\n".join(lines)
         print(text, file=file or sys.stdout)
@@ -1022,7 +1072,7 @@ def check_gradients(layer, x, seed=12345):
 #   - a max pooling right after a convolution runs inside the convolution's call, its
 #     rows in pooling-phase order, so that every window offset is a contiguous block;
 #   - both cores on every step: the batch split between two threads (split_model) or,
-#     in training, a forked twin process (TwinProcess); element-wise passes split
+#     in training, a second process (TwinProcess); element-wise passes split
 #     over threads (split_batch); OpenBLAS held at one thread while the engine runs
 #     its own threads, so the two never fight over the cores;
 #   - work arrays reused from call to call, freed memory kept by malloc.
@@ -1042,11 +1092,13 @@ def check_gradients(layer, x, seed=12345):
 #                                     FastConv2D in a FastSequential         test_fast_conv_variants
 #
 # The engine is safe to embed: importing it starts nothing and changes no setting;
-# its helper threads start at first use and serve one call at a time, so models may
-# run in several threads of your program at once (a call that finds no idle helper
-# runs its slices itself, with the same numbers); a forked child starts afresh; and
+# its helper threads start at first use and take slices of work from a queue, so
+# models may run in several threads of your program at once (a caller runs the slices
+# no helper took, with the same numbers); it never forks (the twin process is a new
+# interpreter), and a child that your program forks starts with a clean engine;
 # OpenBLAS's thread count, which is process-wide, is set to one while any engine call
-# needs it and restored when the last one ends.
+# needs it and restored when the last one ends; and a Ctrl-C that lands anywhere
+# leaves a state that the next call repairs.
 #
 # The switch: CORES is how many cores the engine's own parallelism uses (its threads,
 # its split of the batch, its twin process).  cnn.CORES = 1 turns all of it off.
@@ -1173,80 +1225,86 @@ def pad_hw(x, p, axes=(1, 2)):
 
 # --- threads and OpenBLAS ----------------------------------------------------------------
 
-class Helper:
-    """A thread that runs the calls handed to it, one at a time.  The hand-over is a
-    pair of locks, about half the cost of a ThreadPoolExecutor future, and the engine
-    hands work over a few dozen times per training step."""
+class Call:
+    """One slice of in_parallel's work: run by whichever thread claims it first, a
+    helper or the caller, exactly once; or never, once cancelled.  Each call object
+    serves once, so a caller interrupted by Ctrl-C leaves nothing behind that a later
+    call could take for its own."""
 
-    def __init__(self):
-        self.start, self.done = threading.Lock(), threading.Lock()
-        self.start.acquire()
+    def __init__(self, fn):
+        self.fn, self.error = fn, None
+        self.claim, self.done = threading.Lock(), threading.Lock()
         self.done.acquire()
-        self.call, self.error = None, None
-        threading.Thread(target=self._serve, daemon=True).start()
 
-    def _serve(self):
-        while True:
-            self.start.acquire()
+    def run(self):
+        """Run fn, unless another thread already claimed it."""
+        if self.claim.acquire(blocking=False):
             try:
-                self.call()
+                self.fn()
             except BaseException as error:  # handed to the caller by wait()
                 self.error = error
-            self.done.release()
+            finally:
+                self.fn = None               # no reference to the caller's arrays stays behind
+                self.done.release()
 
-    def submit(self, call):
-        self.call = call
-        self.start.release()
+    def cancel(self):
+        """Make sure fn never starts, if it has not."""
+        if self.claim.acquire(blocking=False):
+            self.fn = None
+            self.done.release()
 
     def wait(self):
         """Wait for the call to end; returns the exception it raised, or None."""
         self.done.acquire()
-        error, self.error = self.error, None
-        return error
+        return self.error
 
 
 class EngineState:
-    """What the engine shares between the threads of one process: its idle helper
-    threads, and how many calls hold OpenBLAS at one thread.  A forked child makes a
-    fresh one: the helpers did not survive the fork, and a lock may have been held."""
+    """What the engine shares between the threads of one process: the queue of work
+    for its helper threads, and which threads hold OpenBLAS at one thread.  A Ctrl-C
+    between any two of its lines leaves a state that the next call repairs: a helper
+    never belongs to a caller (it takes calls from the queue), the holders are the
+    threads themselves (holding twice is holding once), and blas_changed stays True
+    until OpenBLAS's thread count is really restored."""
 
-    def __init__(self, parent=None):
-        self.pid, self.lock = os.getpid(), threading.Lock()
-        self.idle, self.started = [], 0
-        self.blas_holders, self.blas_before = 0, None
-        if parent is not None and parent.blas_holders:  # forked while a call held OpenBLAS
-            blas_threads(parent.blas_before)
+    def __init__(self):
+        self.lock, self.work, self.helpers = threading.Lock(), queue.SimpleQueue(), 0
+        self.blas_holders, self.blas_before, self.blas_changed = set(), None, False
 
-    def take_helpers(self, count):
-        """Up to count idle helpers, starting new ones up to CORES - 1 in all."""
+    def hand_out(self, calls):
+        """Queue calls for the helper threads, starting helpers up to CORES - 1."""
         with self.lock:
-            while len(self.idle) < count and self.started < CORES - 1:
-                self.idle.append(Helper())
-                self.started += 1
-            taken, self.idle = self.idle[:count], self.idle[count:]
-        return taken
+            while self.helpers < min(len(calls), CORES - 1):
+                self.helpers += 1
+                threading.Thread(target=self._serve, daemon=True).start()
+        for call in calls:
+            self.work.put(call)
 
-    def give_back(self, helpers):
-        with self.lock:
-            self.idle.extend(helpers)
+    def _serve(self):  # a helper thread
+        while True:
+            self.work.get().run()
 
-    def hold_blas(self):
-        """Set OpenBLAS to one thread, unless another call already did; False where
-        its thread count cannot be set."""
+    def hold_blas(self, thread):
+        """Set OpenBLAS to one thread for `thread` (its ident), unless a holder
+        already did; False where its thread count cannot be set."""
         with self.lock:
-            if self.blas_holders == 0:
-                before = blas_threads(1)
-                if before is None:
+            if not self.blas_holders:
+                current = blas_threads(None)
+                if current is None:
                     return False
-                self.blas_before = before
-            self.blas_holders += 1
+                if not self.blas_changed:  # else a release was cut short: blas_before stands
+                    self.blas_before, self.blas_changed = current, True
+                if current != 1:
+                    blas_threads(1)
+            self.blas_holders.add(thread)
             return True
 
-    def release_blas(self):
+    def release_blas(self, thread):
         with self.lock:
-            self.blas_holders -= 1
-            if self.blas_holders == 0:
+            self.blas_holders.discard(thread)
+            if not self.blas_holders and self.blas_changed:
                 blas_threads(self.blas_before)
+                self.blas_changed = False
 
 
 class ThreadState(threading.local):
@@ -1264,15 +1322,26 @@ _local = ThreadState()
 
 
 def engine():
-    """This process's EngineState, made at first use (and again after a fork)."""
+    """This process's EngineState, made at first use."""
     global _engine
-    state = _engine
-    if state is None or state.pid != os.getpid():
+    if _engine is None:
         with _engine_lock:
-            if _engine is None or _engine.pid != os.getpid():
-                _engine = EngineState(_engine)
-            state = _engine
-    return state
+            if _engine is None:
+                if hasattr(os, "register_at_fork"):
+                    os.register_at_fork(after_in_child=_start_afresh_after_fork)
+                _engine = EngineState()
+    return _engine
+
+
+def _start_afresh_after_fork():
+    """In a child forked from this process: a clean engine.  Its helper threads did
+    not survive the fork, a lock may have been held, and the forking thread's own
+    state (inside one_blas_thread, OpenBLAS at one thread) is not the child's."""
+    global _engine, _engine_lock
+    state, _engine, _engine_lock = _engine, None, threading.Lock()
+    _local.blas_held = _local.cores_taken = False
+    if state is not None and state.blas_changed:
+        blas_threads(state.blas_before)
 
 
 def cores_taken():
@@ -1294,14 +1363,14 @@ class one_blas_thread:
         self.nested = _local.blas_held
         if self.nested:
             return True
-        self.state = engine()
-        self.held = _local.blas_held = self.state.hold_blas()
+        self.state, self.thread = engine(), threading.get_ident()
+        self.held = _local.blas_held = self.state.hold_blas(self.thread)
         return self.held
 
     def __exit__(self, *exc):
         if not self.nested and self.held:
             _local.blas_held = False
-            self.state.release_blas()
+            self.state.release_blas(self.thread)
 
 
 def on_one_blas_thread(method):
@@ -1325,10 +1394,10 @@ def own_core(taken=True):
 
 def in_parallel(fn, arrays, parts):
     """[fn(i, *slices_i) for i in range(parts)], slices_i being the i-th of `parts`
-    near-equal slices along axis 0 of each array (None stays None).  Idle helper
-    threads run slices 1, 2, ... at the same time as this thread runs slice 0; this
-    thread also runs any slice no helper was free for.  The slices never depend on
-    the number of helpers, so neither do the results."""
+    near-equal slices along axis 0 of each array (None stays None).  Helper threads
+    run slices 1, 2, ... at the same time as this thread runs slice 0; this thread
+    also runs any slice no helper took meanwhile.  The slices never depend on who
+    runs them, so neither do the results."""
     n = len(arrays[0])
     bounds = [n * i // parts for i in range(parts + 1)]
     slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
@@ -1342,18 +1411,16 @@ def in_parallel(fn, arrays, parts):
         finally:
             _local.blas_held = before
 
-    state = engine()
-    helpers = state.take_helpers(parts - 1)
-    errors = []
+    calls = [Call(lambda i=i: run(i)) for i in range(1, parts)]
+    engine().hand_out(calls)
     try:
-        for i, helper in enumerate(helpers, 1):
-            helper.submit(lambda i=i: run(i))
         run(0)
-        for i in range(len(helpers) + 1, parts):
-            run(i)
-    finally:
-        errors = [error for error in (helper.wait() for helper in helpers) if error is not None]
-        state.give_back(helpers)
+        for call in calls:
+            call.run()
+    finally:  # also after an exception: no call may start, or go on, after this returns
+        for call in calls:
+            call.cancel()
+        errors = [error for error in (call.wait() for call in calls) if error is not None]
     if errors:
         raise errors[0]
     return results
@@ -1557,6 +1624,7 @@ class FastConv2D(Conv2D):
     """Conv2D as im2col and a matrix multiply that BLAS runs near the machine's peak,
     in one of the layouts named at the top of this part; forward_pooled also runs
     the max pooling after it."""
+    saved_for_backward = Conv2D.saved_for_backward + ("cache", "x_order", "pool", "y_shape", "buffers")
     is_fast = True
 
     def layout(self, x):
@@ -1618,7 +1686,7 @@ class FastConv2D(Conv2D):
                 y = thin_matmul(cols.T, W.reshape(f, -1).T)
         else:  # cols as a view of the padded input, never copied whole (see im2col_matmul)
             cols = receptive_fields(pad_hw(nhwc(x), p), self.kh, self.kw, self.stride, k)  # (N, ..., kh, kw, C)
-            y = np.empty((pixels, f), x.dtype)                     # y: (M, F)
+            y = np.empty((pixels, f), np.result_type(x, W))        # y: (M, F)
             im2col_matmul(cols, W.transpose(2, 3, 1, 0).reshape(-1, f), y)
         if "b" in self.params:
             add_bias(y, self.params["b"], layout, n)
@@ -1741,6 +1809,7 @@ class FastMaxPool2D(MaxPool2D):
     """Max pooling as k*k element-wise operations over whole arrays: the window
     offsets (u, v) of windows(x) are k*k strided slices of x.  Works in any memory
     order (NumPy's inner loop runs along the innermost axis) and keeps it."""
+    saved_for_backward = ("x_shape", "x_order", "which")
     is_fast = True
 
     def _forward(self, x):
@@ -1802,6 +1871,7 @@ class FastMaxPool2D(MaxPool2D):
 
 class FastGlobalMaxPool2D(GlobalMaxPool2D):
     """The max over the pixels of channels-last memory (free to get from a fast layer)."""
+    saved_for_backward = ("idx", "xh_shape")
     is_fast = True
 
     def _forward(self, x):
@@ -1883,6 +1953,7 @@ class FastGELU(GELU):
 
 class FastFlatten(Flatten):
     """Flatten whose gradient comes back in the input's memory order."""
+    saved_for_backward = ("x_shape", "x_order")
     is_fast = True
 
     def _forward(self, x):
@@ -1902,10 +1973,11 @@ class FastBatchNorm2D(BatchNorm2D):
         xh = nhwc(x)
         rows = xh.reshape(-1, self.channels)                       # rows: (N*H*W, C)
         count = rows.shape[0]
-        mean = column_sum(rows) / count if self.training else self.running_mean
+        batch_statistics = self.training and not self.use_running_stats
+        mean = column_sum(rows) / count if batch_statistics else self.running_mean
         centred = np.empty_like(rows)                              # centred: (N*H*W, C), x - mean
         split_batch(lambda rows, centred: np.subtract(rows, mean, out=centred), rows, centred)
-        if self.training:
+        if batch_statistics:
             var = np.einsum("ij,ij->j", centred, centred) / count
             self.update_running_stats(mean, var, count)
         else:
@@ -1937,8 +2009,9 @@ class FastBatchNorm2D(BatchNorm2D):
         if "gamma" in self.params:
             self.grads["gamma"] = g_xhat
             scale = scale * self.params["gamma"]
-        # Part I's formula, dx = gamma / sigma * (g - mean(g) - xhat * mean(g * xhat)):
-        coef, shift = -g_xhat / count, g_sum / count
+        # Part I's formula, dx = gamma / sigma * (g - mean(g) - xhat * mean(g * xhat)),
+        # or gamma / sigma * g with fixed statistics:
+        coef, shift = (0 * g_xhat, 0 * g_sum) if self.use_running_stats else (-g_xhat / count, g_sum / count)
         dx = np.empty_like(xhat)                                   # dx: (N*H*W, C)
 
         def combine(xhat, g, dx):
@@ -1955,8 +2028,24 @@ class FastBatchNorm2D(BatchNorm2D):
 class FastSequential(Sequential):
     """Sequential in which a fast Conv2D directly followed by a MaxPool2D it fuses with
     runs the pooling as part of its own forward and backward (the same numbers), and
-    whose predict splits each batch over the cores."""
+    whose predict splits each batch over the cores.  One model trains in one thread
+    at a time (its layers keep one set of arrays saved for backward): a training
+    forward in another thread while one is between its forward and backward is
+    refused with a RuntimeError.  predict may run in any number of threads."""
     is_fast = True
+
+    def __getstate__(self):
+        return {k: v for k, v in vars(self).items() if k != "trainer"}
+
+    def claim_training(self):
+        """Make this thread the model's trainer until its backward ends, or refuse."""
+        me = threading.get_ident()
+        with engine().lock:
+            trainer = vars(self).get("trainer")
+            if trainer not in (None, me) and trainer in {t.ident for t in threading.enumerate()}:
+                raise RuntimeError("Sequential: another thread is in the middle of a training step on this "
+                                   "model; train each model in one thread (predict may run in any)")
+            self.trainer = me
 
     def fused_pools(self):
         """{i: the MaxPool2D at i + 1} for each Conv2D at i that runs it."""
@@ -1965,6 +2054,8 @@ class FastSequential(Sequential):
 
     @on_one_blas_thread
     def forward(self, x):
+        if any(layer.training for layer in self.layers):
+            self.claim_training()
         pools = self.fused_pools()
         for i, layer in enumerate(self.layers):
             if i in pools:
@@ -1981,14 +2072,17 @@ class FastSequential(Sequential):
         for i in range(len(self.layers) - 1, stop, -1):
             if i - 1 not in pools:  # a fused pool's backward runs in its convolution's
                 grad = self.layers[i].backward(grad)
-        return self.layers[stop].backward(grad, input_grad=input_grad)
+        grad = self.layers[stop].backward(grad, input_grad=input_grad)
+        self.trainer = None
+        return grad
 
     def predict(self, x, batch_size=EVAL_BATCH):
-        """Logits for x in evaluation mode, batch by batch, each batch split over the
-        cores (split_model)."""
-        with self.evaluating():
-            return np.concatenate([np.concatenate(split_model(self, FastSequential.forward, x[i:i + batch_size]))
-                                   for i in range(0, len(x), batch_size)])
+        """Logits for x in evaluation mode (evaluation_copy), batch by batch, each
+        batch split over the cores (split_model)."""
+        model = self.evaluation_copy()
+        batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)] or [x]  # [x]: empty, an error
+        return np.concatenate([np.concatenate(split_model(model, FastSequential.forward, batch))
+                               for batch in batches])
 
 
 # What impl="fast" builds (Layer.to, Sequential.to): each Part I class and its version here.
@@ -2000,15 +2094,13 @@ Layer.fast_versions.update({
 
 def thread_copy(model, slot):
     """A copy of model that another thread can run at the same time: the same
-    parameter arrays, its own gradients, caches and work arrays (slot: which)."""
-    layers = []
-    for layer in model.layers:
-        layer_copy = copy.copy(layer)
-        layer_copy.grads = {}
+    parameter arrays, its own saved arrays, gradients and work arrays (slot: which)."""
+    twin = copy.copy(model)
+    twin.layers = [copy.copy(layer) for layer in model.layers]
+    for layer, layer_copy in zip(model.layers, twin.layers):
         if isinstance(layer, FastConv2D):
             layer_copy.buffers = layer.work_arrays().setdefault(("copy", slot), {})
-        layers.append(layer_copy)
-    return Sequential(*layers, impl=model.impl)
+    return twin
 
 
 def split_model(model, fn, *arrays):
@@ -2028,9 +2120,10 @@ def split_model(model, fn, *arrays):
 
 
 def needs_whole_batch(model):
-    """True for a model with batch statistics (BatchNorm): they must come from the
-    whole batch, so its training steps are not split."""
-    return any(layer.buffer_names for layer in model.layers)
+    """True for a model whose training steps must see the whole batch at once: one
+    with batch statistics (BatchNorm), or with a layer of your own, which may keep
+    them too, or draw random numbers (dropout) that two slices would draw alike."""
+    return any(layer.buffer_names or type(layer).__module__ != __name__ for layer in model.layers)
 
 
 def slice_gradient(net, loss_fn, x, y, batch_size):
@@ -2080,52 +2173,104 @@ def mean_loss_and_logits(results, batch_size):
     return sum(r[0] for r in results) / batch_size, np.concatenate([r[1] for r in results])
 
 
-def shared_array(shape, dtype):
-    """A zeroed array in memory that processes forked after its creation share
-    with this one (an anonymous shared memory map)."""
-    dtype, size = np.dtype(dtype), math.prod(shape)
-    return np.frombuffer(mmap.mmap(-1, max(1, size * dtype.itemsize)), dtype, size).reshape(shape)
+class SharedArrays:
+    """Named arrays laid out in one file that two processes map into their memory:
+    made by one (in /dev/shm where there is one, so in memory), opened by path by
+    the other.  specs: [(name, shape, dtype)]; arrays: {name: array}."""
+
+    def __init__(self, specs, path=None):
+        layout, offset = [], 0
+        for name, shape, dtype in specs:
+            dtype = np.dtype(dtype)
+            layout.append((name, tuple(shape), dtype, offset))
+            offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64  # each array 64-byte aligned
+        self.specs, self.path, self.owner = specs, path, path is None
+        if self.owner:
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            fd, self.path = tempfile.mkstemp(prefix="cnn-twin-", dir=folder)
+            os.ftruncate(fd, max(offset, 1))
+        else:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        try:
+            self.map = mmap.mmap(fd, max(offset, 1))
+        finally:
+            os.close(fd)
+        self.arrays = {name: np.frombuffer(self.map, dtype, math.prod(shape), at).reshape(shape)
+                       for name, shape, dtype, at in layout}
+
+    def unlink(self):
+        """Remove the file (its memory lives on while mapped); for its maker only."""
+        if self.owner and self.path is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.path = None
+
+
+# The engine's settings, which the twin process takes over so that it computes alike.
+ENGINE_SETTINGS = ("CORES", "SPLIT_MIN", "CHUNK_BYTES", "SMALL_MATMUL")
+
+
+def _send(stream, data):
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _receive(stream):
+    """The next message of _send, or None where the stream ended."""
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    data = stream.read(int.from_bytes(head, "little"))
+    return data if len(data) == int.from_bytes(head, "little") else None
 
 
 class TwinProcess:
-    """A forked copy of this process that computes the gradient of the second half
-    of each training batch while this process computes the first half.
+    """A second Python process that computes the gradient of the second half of each
+    training batch while this process computes the first half.
 
     Threads share one GIL: the Python between NumPy's loops runs one thread at a
-    time.  A process has a GIL of its own.  Forked at the first step, the twin holds
-    a copy of the model as it was then.  At each step it gets the current weights
-    and its half of the batch through shared memory, runs slice_gradient on its copy,
-    and hands back its gradients, summed loss and logits the same way; the pipe only
-    carries "go" and "done".  The numbers are split_model's on two cores, bit for
-    bit.  Only Linux has a fork that is safe in a process with threads.  Only
-    train_epoch (Part III) starts one, for one epoch at a time: change the layers
-    (not just the weights) only between epochs."""
+    time.  A process has a GIL of its own.  The twin is a new interpreter started
+    with subprocess (never a fork of this process, which may have threads of its
+    own), once per fit: it gets a copy of the model and the loss (pickled), then at
+    each step the current weights and its half of the batch through SharedArrays,
+    runs slice_gradient on its copy, and hands back its gradients, summed loss and
+    logits the same way; its stdin and stdout carry only "go" and "done".  The
+    numbers are split_model's on two cores, bit for bit.  Change the layers (not
+    just the weights) only when no twin runs."""
 
     def __init__(self, model, loss_fn):
-        self.model, self.loss_fn, self.process = model, loss_fn, None
+        self.model, self.loss_fn, self.process, self.exit_code = model, loss_fn, None, None
         self.weights = [(layer, key) for layer in model.layers for key in layer.params]
         self.trained = [(layer, key) for _, layer, key in model.parameters()]
 
     def fits(self, x):
-        return self.process is None or len(x) - len(x) // 2 <= len(self.x)
+        return self.process is None or len(x) - len(x) // 2 <= len(self.shared.arrays["x"])
 
     def _start(self, x, y):
         rows = len(x) - len(x) // 2                                # the twin's half of a full batch
         logits = self.model.predict(x[:1])                         # for the shape of the output
-        self.x, self.y = shared_array((rows,) + x.shape[1:], x.dtype), shared_array((rows,), y.dtype)
-        self.logits = shared_array((rows,) + logits.shape[1:], logits.dtype)
-        self.numbers = shared_array((3,), np.float64)             # batch size, rows, summed loss
-        self.shared_weights = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.weights]
-        self.shared_grads = [shared_array(l.params[k].shape, l.params[k].dtype) for l, k in self.trained]
-        self.pipe, twin_end = multiprocessing.Pipe()
-        self.process = multiprocessing.get_context("fork").Process(
-            target=self._serve, args=(twin_end,), daemon=True)
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork in a process with threads.  Ours hold no
-            # lock while idle, and the twin starts none.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.process.start()
-        twin_end.close()
+        specs = [("x", (rows,) + x.shape[1:], x.dtype), ("y", (rows,), y.dtype),
+                 ("logits", (rows,) + logits.shape[1:], logits.dtype),
+                 ("numbers", (3,), np.float64)]                    # batch size, rows, summed loss
+        specs += [(f"weight{i}", l.params[k].shape, l.params[k].dtype) for i, (l, k) in enumerate(self.weights)]
+        specs += [(f"grad{i}", l.params[k].shape, l.params[k].dtype) for i, (l, k) in enumerate(self.trained)]
+        self.shared = SharedArrays(specs)
+        code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"   # Ctrl-C is the parent's
+                "import importlib, pickle, sys\n"
+                "path, module = pickle.load(sys.stdin.buffer)\n"
+                "sys.path[:0] = path\n"
+                "importlib.import_module(module).serve_twin()\n")
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        settings = {name: globals()[name] for name in ENGINE_SETTINGS}
+        try:
+            pickle.dump((sys.path, __name__), self.process.stdin)
+            _send(self.process.stdin, pickle.dumps((self.model, self.loss_fn, self.shared.path, specs, settings)))
+            ready = _receive(self.process.stdout)
+        except OSError:
+            ready = None
+        if ready != b"":
+            self._died(ready)
+        self.shared.unlink()  # mapped by both: the memory stays until both let go
 
     def step(self, x, y, meanwhile=None):
         """(mean loss, logits) of the batch, computed half here and half in the
@@ -2133,13 +2278,13 @@ class TwinProcess:
         runs once this half is done, while the twin (which started later) finishes."""
         if self.process is None:
             self._start(x, y)
-        n, half = len(x), len(x) // 2
-        for (layer, key), shared in zip(self.weights, self.shared_weights):
-            np.copyto(shared, layer.params[key])
-        self.x[:n - half], self.y[:n - half] = x[half:], y[half:]
-        self.numbers[:2] = n, n - half
+        shared, n, half = self.shared.arrays, len(x), len(x) // 2
+        for i, (layer, key) in enumerate(self.weights):
+            np.copyto(shared[f"weight{i}"], layer.params[key])
+        shared["x"][:n - half], shared["y"][:n - half] = x[half:], y[half:]
+        shared["numbers"][:2] = n, n - half
         try:
-            self.pipe.send_bytes(b"go")
+            _send(self.process.stdin, b"go")
         except OSError:
             self._died()
         try:
@@ -2148,61 +2293,73 @@ class TwinProcess:
             if meanwhile is not None:
                 meanwhile()
         finally:  # even if this half failed: the next step must not read this step's answer
-            try:
-                error = self.pipe.recv_bytes()
-            except EOFError:
-                self._died()
+            error = _receive(self.process.stdout)
+        if error is None:
+            self._died()
         if error:
             raise RuntimeError(f"the twin training process failed: {error.decode()}")
-        for (layer, key), shared in zip(self.trained, self.shared_grads):
-            layer.grads[key] += shared
-        return mean_loss_and_logits([mine, (self.numbers[2], self.logits[:n - half])], n)
+        for i, (layer, key) in enumerate(self.trained):
+            layer.grads[key] += shared[f"grad{i}"]
+        return mean_loss_and_logits([mine, (shared["numbers"][2], shared["logits"][:n - half])], n)
 
-    def _died(self):
-        self.process.join(1)
-        raise RuntimeError(f"the twin training process died (exit code {self.process.exitcode})") from None
-
-    def _serve(self, pipe):
-        """The twin's loop, until the pipe closes.  Ctrl-C is the parent's to handle."""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.pipe.close()    # the parent's end: the pipe must close when the parent closes it
-        blas_threads(1)      # for good: this process only ever runs its slice on its core
-        _local.cores_taken = _local.blas_held = True
-        for (layer, key), shared in zip(self.weights, self.shared_weights):
-            layer.params[key] = shared
-        while True:
-            try:
-                pipe.recv_bytes()
-            except (EOFError, OSError):  # the parent closed the pipe, or died
-                return
-            n, rows = int(self.numbers[0]), int(self.numbers[1])
-            error = b""
-            try:
-                self.numbers[2], self.logits[:rows] = slice_gradient(
-                    self.model, self.loss_fn, self.x[:rows], self.y[:rows], n)
-                for (layer, key), shared in zip(self.trained, self.shared_grads):
-                    np.copyto(shared, layer.grads[key])
-            except Exception as exception:
-                error = f"{type(exception).__name__}: {exception}".encode()
-            try:
-                pipe.send_bytes(error)
-            except OSError:  # the parent closed the pipe
-                return
+    def _died(self, message=None):
+        self.close()
+        why = f": {message.decode()}" if message else ""
+        raise RuntimeError(f"the twin training process died (exit code {self.exit_code}){why}") from None
 
     def close(self):
+        """End the twin (it ends when its stdin closes) and free the shared memory."""
         if self.process is not None:
-            self.pipe.close()
-            self.process.join(5)
-            if self.process.is_alive():
-                self.process.terminate()
-            self.process = None
+            process, self.process = self.process, None
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+            self.exit_code = process.returncode
+            self.shared.unlink()
+
+
+def serve_twin():
+    """The twin process's side of TwinProcess, reading from stdin until it closes:
+    the model, loss and shared arrays, then one step of slice_gradient per "go"."""
+    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, not into the messages
+    model, loss_fn, path, specs, settings = pickle.loads(_receive(stdin))
+    globals().update(settings)
+    shared = SharedArrays(specs, path).arrays
+    blas_threads(1)  # for good: this process only ever runs its slice on its core
+    _local.cores_taken = _local.blas_held = True
+    weights = [(layer, key) for layer in model.layers for key in layer.params]
+    trained = [(layer, key) for _, layer, key in model.parameters()]
+    for i, (layer, key) in enumerate(weights):
+        layer.params[key] = shared[f"weight{i}"]
+    _send(stdout, b"")
+    while _receive(stdin) is not None:
+        n, rows = int(shared["numbers"][0]), int(shared["numbers"][1])
+        error = b""
+        try:
+            shared["numbers"][2], shared["logits"][:rows] = slice_gradient(
+                model, loss_fn, shared["x"][:rows], shared["y"][:rows], n)
+            for i, (layer, key) in enumerate(trained):
+                np.copyto(shared[f"grad{i}"], layer.grads[key])
+        except Exception as exception:
+            error = f"{type(exception).__name__}: {exception}".encode()
+        try:
+            _send(stdout, error)
+        except OSError:  # the parent is gone
+            return
 
 
 def twin_process_usable(model):
-    """Whether a TwinProcess can train this model here: on Linux, with two cores or
-    more, OpenBLAS's thread count settable, and no batch statistics in the model."""
-    return (sys.platform.startswith("linux") and CORES > 1 and blas_threads(None) is not None
-            and not needs_whole_batch(model))
+    """Whether a TwinProcess can train this model here: with two cores or more,
+    OpenBLAS's thread count settable, a model whose steps may be split, and this
+    file imported as a module (the twin imports it by its name)."""
+    return (CORES > 1 and blas_threads(None) is not None and not needs_whole_batch(model)
+            and __name__ != "__main__")
 
 
 @contextlib.contextmanager
@@ -2766,11 +2923,12 @@ def new_position(epoch=0):
     return dict(epoch=epoch, batch=0, loss_sum=0.0, correct=0, seen=0, seconds=0.0)
 
 
-def train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoch, progress, stop=None):
+def train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoch, progress, stop=None,
+                twin=None):
     """Train on `batches`, the rest of epoch at["epoch"] from batch at["batch"],
     updating the position `at` after every step.  Returns True at the end of the
-    epoch, False where stop.requested ended it early (after a whole step).  On Linux
-    a TwinProcess computes half of every step, see train_step."""
+    epoch, False where stop.requested ended it early (after a whole step).  twin: a
+    TwinProcess that computes half of every step (see train_step)."""
     model.train()
     batches, upcoming = iter(batches), None
 
@@ -2779,23 +2937,22 @@ def train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoc
         upcoming = next(batches, None)
 
     prepare_next()
-    with twin_process(model, loss_fn) as twin:
-        while upcoming is not None:
-            x, y = upcoming
-            step = at["epoch"] * steps_per_epoch + at["batch"]
-            optimizer.lr = schedule(step)
-            loss, logits = train_step(model, loss_fn, x, y, twin, meanwhile=prepare_next)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"the loss became {loss} at step {step}")
-            optimizer.step()
-            at["batch"] += 1
-            at["loss_sum"] += loss * len(y)
-            at["correct"] += int((logits.argmax(axis=1) == y).sum())
-            at["seen"] += len(y)
-            progress.update(at["seen"], at["loss_sum"] / at["seen"])
-            if stop is not None and stop.requested and upcoming is not None:
-                progress.close()
-                return False
+    while upcoming is not None:
+        x, y = upcoming
+        step = at["epoch"] * steps_per_epoch + at["batch"]
+        optimizer.lr = schedule(step)
+        loss, logits = train_step(model, loss_fn, x, y, twin, meanwhile=prepare_next)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the loss became {loss} at step {step}")
+        optimizer.step()
+        at["batch"] += 1
+        at["loss_sum"] += loss * len(y)
+        at["correct"] += int((logits.argmax(axis=1) == y).sum())
+        at["seen"] += len(y)
+        progress.update(at["seen"], at["loss_sum"] / at["seen"])
+        if stop is not None and stop.requested and upcoming is not None:
+            progress.close()
+            return False
     progress.close()
     return True
 
@@ -2840,7 +2997,14 @@ def fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std, *, e
     load_checkpoint returned then goes on with the numbers of a run that was never
     interrupted.  A run killed outright resumes the same way from its last
     checkpoint (the end of the last whole epoch).  Stops with TrainingDiverged if
-    the loss stops being finite (the last checkpoint is kept)."""
+    the loss stops being finite (the last checkpoint is kept).
+
+    What runs meanwhile: the engine's helper threads (one per core after the first),
+    and, for a model without batch statistics or layers of your own, one TwinProcess
+    (a second Python process, started with subprocess, never forked) for the whole
+    call, ended when it returns.  cnn.CORES = 1 turns both off."""
+    if not len(train_set[0]):
+        raise ValueError("fit: no training images")
     history = list(history or [])
     (x_train, y_train), (x_val, y_val) = train_set, val_set
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
@@ -2854,13 +3018,14 @@ def fit(model, loss_fn, optimizer, schedule, train_set, val_set, mean, std, *, e
 
     # OpenBLAS on one thread for the whole run, not step by step: each time its thread
     # count goes back up, its idle threads spin on the cores the engine's threads need.
-    with StopRequest() as stop, one_blas_thread():
+    with StopRequest() as stop, one_blas_thread(), twin_process(model, loss_fn) as twin:
         while at["epoch"] < epochs:
             epoch, start = at["epoch"], time.time()
             batches = iterate_batches(x_train, y_train, batch_size, mean, std, seed=seed, epoch=epoch,
                                       start=at["batch"], **(augment or {}))
             progress = Progress(epoch + 1, epochs, len(x_train), at["seen"])
-            ended = train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoch, progress, stop)
+            ended = train_epoch(model, loss_fn, optimizer, schedule, batches, at, steps_per_epoch, progress, stop,
+                                twin)
             at["seconds"] += time.time() - start
             if not ended:
                 save()
@@ -3042,6 +3207,208 @@ def draw_mistakes(images, labels, predictions, classes, title, path, count=40, c
 
 
 
+# --- what the network learned: saliency, feature maps, filters -----------------------------
+
+def saliency(model, x, label):
+    """|dL/dx| for one normalized image x (C, H, W), L the cross-entropy of the model's
+    output against `label`, as (H, W): the largest over the channels (Simonyan et al.,
+    2014).  Where it is bright, a small change of the pixel changes the loss most: the
+    pixels the decision rests on.  It is the input gradient of the library's own
+    backward pass (check_gradients verifies it), taken on a copy that computes as in
+    evaluation (BatchNorm with its running statistics) and shares the model's
+    parameters: the model itself does not change."""
+    net = model.evaluation_copy()
+    for layer in net.layers:
+        layer.training = True
+        if isinstance(layer, BatchNorm2D):
+            layer.use_running_stats = True
+    loss_fn = SoftmaxCrossEntropy()
+    loss_fn.forward(net.forward(np.asarray(x)[None]), np.array([label]))
+    return np.abs(net.backward(loss_fn.backward())[0]).max(axis=0)
+
+
+def feature_maps(model, x):
+    """[(name, maps (C, H, W))] for one normalized image x (C, H, W), in evaluation
+    mode: the output of each convolution block, a convolution and the layers after it
+    up to the next convolution or the end of the convolutional part."""
+    blocks, block, x = [], None, np.asarray(x)[None]
+    for layer in model.evaluation_copy().layers:
+        if isinstance(layer, Conv2D) and block is not None:
+            blocks.append((block, x[0]))
+        y = layer.forward(x)
+        block = f"{layer!r}" if isinstance(layer, Conv2D) else block
+        if y.ndim != 4:
+            break
+        x = y
+    if block is not None:
+        blocks.append((block, x[0]))
+    return [(f"after block {i + 1}, {name}", maps) for i, (name, maps) in enumerate(blocks)]
+
+
+HOT = np.array([[0, 0, 0], [120, 0, 40], [230, 40, 0], [255, 200, 0], [255, 255, 255]], np.float64)
+
+
+def heat(values):
+    """Values in [0, 1] -> uint8 RGB, black through red and yellow to white."""
+    at = np.clip(values, 0, 1) * (len(HOT) - 1)
+    low = np.minimum(at.astype(int), len(HOT) - 2)
+    frac = (at - low)[..., None]
+    return ((1 - frac) * HOT[low] + frac * HOT[low + 1]).astype(np.uint8)
+
+
+def _as_picture(image, size):
+    """uint8 (C, H, W) with C 1 or 3 -> an RGB Pillow image of about size pixels on its
+    longer side, enlarged with sharp pixels."""
+    from PIL import Image
+    pixels = np.asarray(image).transpose(1, 2, 0)
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).convert("RGB")
+    scale = max(1, size // max(picture.size))
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def _grid(maps, tile, columns, signed=False):
+    """maps (K, H, W) -> a grid image of K tiles, each scaled to its own range: black
+    its lowest value, white its highest; signed: grey 0, white its largest |value|,
+    black its negative."""
+    from PIL import Image
+    rows = math.ceil(len(maps) / columns)
+    grid = Image.new("RGB", (columns * (tile + 4) + 4, rows * (tile + 4) + 4), (235, 235, 235))
+    for k, m in enumerate(maps):
+        low, high = (-np.abs(m).max(), np.abs(m).max()) if signed else (float(m.min()), float(m.max()))
+        pixels = ((m - low) / (high - low) * 255 if high > low else np.full(m.shape, 128)).astype(np.uint8)
+        cell = Image.fromarray(pixels).resize((tile, tile), Image.NEAREST)
+        grid.paste(cell, (4 + (k % columns) * (tile + 4), 4 + (k // columns) * (tile + 4)))
+    return grid
+
+
+def _heat_legend(draw, x, y, width, font, text="|dL/dx|: low to high"):
+    for i in range(width):
+        draw.line([(x + i, y), (x + i, y + 10)], fill=tuple(int(v) for v in heat(np.array([i / (width - 1)]))[0]))
+    draw.rectangle([x, y, x + width - 1, y + 10], outline=(120, 120, 120))
+    draw.text((x, y + 14), text, fill="black", font=font)
+
+
+def _overlay(image, sal, size):
+    """The saliency map sal (H, W) over the greyscale of image (C, H, W), enlarged."""
+    gray = np.asarray(image, np.float64).mean(axis=0) / 255
+    hot = heat(sal / sal.max() if sal.max() > 0 else sal).astype(np.float64)
+    mixed = (0.35 * gray[..., None] * 255 + 0.65 * hot).astype(np.uint8)
+    return _as_picture(mixed.transpose(2, 0, 1), size)
+
+
+def _map_rows(canvas, draw, maps, top, width, font, most=16):
+    """Each block's feature maps (at most `most` channels) as a labelled row of tiles."""
+    for name, block in maps:
+        shown = block[:most]
+        draw.text((10, top), f"feature maps {name}: {len(shown)} of {len(block)} channels "
+                             f"(each tile scaled to its own range)", fill="black", font=font)
+        grid = _grid(shown, tile=max(24, min(56, (width - 20) // len(shown) - 4)), columns=len(shown))
+        canvas.paste(grid, (10, top + 18))
+        top += 18 + grid.height + 10
+    return top
+
+
+def _maps_height(maps, width, most=16):
+    return sum(18 + 4 + max(24, min(56, (width - 20) // len(b[:most]) - 4)) + 4 + 10 for _, b in maps)
+
+
+def draw_prediction(picture, image, probs, classes, sal, maps, title, path, width=900):
+    """One picture that shows a prediction: the picture as given, the input as the
+    network sees it, the top five probabilities, the saliency map over the input, and
+    the feature maps of each convolution block."""
+    from PIL import Image, ImageDraw
+    font, small = _font(15), _font(12)
+    panel = 200
+    height = 60 + panel + 70 + _maps_height(maps, width)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((width / 2, 20), title, fill="black", font=font, anchor="mm")
+    given = picture.copy()
+    given.thumbnail((panel, panel))
+    x0 = [10, 10 + panel + 20, 10 + 2 * (panel + 20) + 170]
+    for x, label, shown in ((x0[0], "the picture as given", given),
+                            (x0[1], "what the network sees", _as_picture(image, panel)),
+                            (x0[2], "saliency: where it looked", _overlay(image, sal, panel))):
+        draw.text((x, 44), label, fill="black", font=small)
+        canvas.paste(shown, (x, 60))
+    bars_x = 10 + 2 * (panel + 20)
+    draw.text((bars_x, 44), "top 5", fill="black", font=small)
+    for rank, k in enumerate(np.argsort(-probs)[:5]):
+        y = 64 + rank * 26
+        draw.text((bars_x, y + 9), str(classes[k])[:11], fill="black", font=small, anchor="lm")
+        draw.rectangle([bars_x + 70, y + 2, bars_x + 70 + int(90 * probs[k]), y + 16],
+                       fill=(40, 90, 200) if rank == 0 else (150, 170, 210))
+        draw.text((bars_x + 165, y + 9), f"{probs[k]:.2f}", fill="black", font=small, anchor="rm")
+    _heat_legend(draw, x0[2], 60 + panel + 8, 150, small)
+    _map_rows(canvas, draw, maps, 60 + panel + 50, width, small)
+    _save_png(canvas, path)
+
+
+def draw_feature_maps(image, label, prediction, classes, sal, maps, title, path, width=900):
+    """One test image through every convolution block of the network, with its
+    saliency map."""
+    from PIL import Image, ImageDraw
+    font, small = _font(15), _font(12)
+    panel = 160
+    canvas = Image.new("RGB", (width, 60 + panel + 60 + _maps_height(maps, width)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((width / 2, 20), title, fill="black", font=font, anchor="mm")
+    draw.text((10, 44), f"test image: {classes[label]}, predicted {classes[prediction]}", fill="black", font=small)
+    canvas.paste(_as_picture(image, panel), (10, 60))
+    draw.text((10 + panel + 30, 44), "saliency: where it looked", fill="black", font=small)
+    canvas.paste(_overlay(image, sal, panel), (10 + panel + 30, 60))
+    _heat_legend(draw, 10 + panel + 30, 60 + panel + 8, 150, small)
+    _map_rows(canvas, draw, maps, 60 + panel + 50, width, small)
+    _save_png(canvas, path)
+
+
+def draw_filters(model, title, path, tile=40):
+    """The first convolution's filters as an enlarged grid (colour for RGB filters);
+    where that layer is not trained (network 4's whitening), also the first trained
+    convolution's filters seen through it: composed with it into pixel-space filters,
+    the activation between them left out."""
+    from PIL import Image, ImageDraw
+    convs = [layer for layer in model.layers if isinstance(layer, Conv2D)]
+    panels = [(f"the first convolution's {convs[0].out_channels} filters, {convs[0].kh} x {convs[0].kw}",
+               convs[0].params["W"])]
+    if not convs[0].trainable and len(convs) > 1:
+        first, second = convs[0].params["W"], convs[1].params["W"]       # (F1, C, k1, k1), (F2, F1, k2, k2)
+        k = first.shape[2] + second.shape[2] - 1
+        composed = np.zeros((second.shape[0], first.shape[1], k, k))
+        for u, v in np.ndindex(second.shape[2:]):
+            composed[:, :, u:u + first.shape[2], v:v + first.shape[3]] += np.einsum(
+                "fc,cdij->fdij", second[:, :, u, v], first)
+        panels.append((f"the first trained convolution's {len(composed)} filters seen through it, {k} x {k} "
+                       f"(the activation between them left out)", composed))
+    font, small = _font(15), _font(12)
+    columns = 16
+    images = []
+    for label, weights in panels:
+        if weights.shape[1] == 3:                                   # RGB: one colour tile per filter
+            scaled = weights / (2 * np.abs(weights).max(axis=(1, 2, 3), keepdims=True)) + 0.5
+            tiles = [Image.fromarray((f.transpose(1, 2, 0) * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+                     for f in scaled]
+            grid = Image.new("RGB", (columns * (tile + 4) + 4, math.ceil(len(tiles) / columns) * (tile + 4) + 4),
+                             (235, 235, 235))
+            for i, t in enumerate(tiles):
+                grid.paste(t, (4 + (i % columns) * (tile + 4), 4 + (i // columns) * (tile + 4)))
+        else:
+            grid = _grid(weights.sum(axis=1), tile, columns, signed=True)
+        images.append((label, grid))
+    width = max(g.width for _, g in images) + 20
+    canvas = Image.new("RGB", (max(width, 700), 50 + sum(30 + g.height for _, g in images) + 30), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((canvas.width / 2, 20), title, fill="black", font=font, anchor="mm")
+    top = 45
+    for label, grid in images:
+        draw.text((10, top), label, fill="black", font=small)
+        canvas.paste(grid, (10, top + 18))
+        top += 30 + grid.height
+    draw.text((10, top), "grey: weight 0; lighter: positive, darker: negative (each filter scaled to its largest "
+                         "weight; colour filters show their weight per channel)", fill="black", font=small)
+    _save_png(canvas, path)
+
+
 # --- command line: the steps of the training scripts ---------------------------------------
 # Each train_*.py script defines its networks and recipes and calls these steps in order:
 # parse_options, load_data, build_model, train, test, write_outputs (or predict_files,
@@ -3119,7 +3486,8 @@ def parse_options(description, recipes, argv=None, out="runs/net{net}"):
                         help="the engine, the textbook's im2col, or the textbook's loops")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/model.npz where it stopped")
     parser.add_argument("--predict", nargs="+", metavar="FILE",
-                        help="classify image files with the trained OUT/model.npz")
+                        help="classify pictures with the trained OUT/model.npz, prepared like the "
+                             "dataset's images; draws OUT/predictions/<name>.png")
     parser.add_argument("--bench", action="store_true",
                         help="time this network's training and inference steps on random images")
     return parser.parse_args(argv), recipe
@@ -3145,8 +3513,9 @@ class Data:
     (uint8 images, labels), the training set's per-channel mean and std, the class
     names and the folder they came from."""
 
-    def __init__(self, train, val, test, classes, folder):
-        self.train, self.val, self.test, self.classes, self.folder = train, val, test, classes, folder
+    def __init__(self, dataset, train, val, test, classes, folder):
+        self.dataset, self.train, self.val, self.test = dataset, train, val, test
+        self.classes, self.folder = classes, folder
         self.mean, self.std = channel_stats(train[0])
 
     def normalized(self, images):
@@ -3168,7 +3537,7 @@ def load_data(dataset, args):
         train_images, train_labels = train_images[:args.limit], train_labels[:args.limit]
     val_size = min(args.val, len(train_images) // 10)
     train_size = len(train_images) - val_size
-    return Data((train_images[:train_size], train_labels[:train_size]),
+    return Data(dataset, (train_images[:train_size], train_labels[:train_size]),
                 (train_images[train_size:], train_labels[train_size:]),
                 (test_images, test_labels), classes, folder)
 
@@ -3179,8 +3548,7 @@ def build_model(network, data, args):
     model = network(np.random.default_rng(args.seed)).to(args.impl)
     shape = data.test[0].shape[1:]
     try:
-        with model.evaluating():
-            model.forward(np.zeros((1,) + shape, np.float32))
+        model.evaluation_copy().forward(np.zeros((1,) + shape, np.float32))
     except ValueError as e:
         fail(f"{data.folder}: images of shape {shape} do not fit this network ({e})")
     return model
@@ -3245,7 +3613,7 @@ def train(model, data, recipe, args, title):
     loss_fn = SoftmaxCrossEntropy(recipe.get("label_smoothing", 0.0))
     checkpoint = os.path.join(args.out, "model.npz")
     meta = dict(options=run_options(args), mean=data.mean.tolist(), std=data.std.tolist(),
-                classes=data.classes, input_shape=list(data.test[0].shape[1:]))
+                classes=data.classes, input_shape=list(data.test[0].shape[1:]), dataset=data.dataset)
     position, history = resume_from(checkpoint, model, optimizer, meta["options"]) if args.resume else (None, [])
     print(f"{title}: {len(data.train[0])} training, {len(data.val[0])} validation, {len(data.test[0])} "
           f"test images from {data.folder}", file=sys.stderr)
@@ -3281,8 +3649,9 @@ def test(model, data, tta=0):
     return results, predictions
 
 
-def write_outputs(args, recipe, title, data, history, results, predictions, started):
-    """OUT/learning_curve.png, confusion_matrix.png, mistakes.png and metrics.json
+def write_outputs(args, recipe, title, data, model, history, results, predictions, started):
+    """OUT/learning_curve.png, confusion_matrix.png, mistakes.png, filters.png,
+    feature_maps.png (the first test image through every block) and metrics.json
     (options, recipe, history and results), and the summary line.  started: the
     run's start (time.time()), for its wall time."""
     out, labels = args.out, np.asarray(data.test[1]).astype(np.int64)
@@ -3295,6 +3664,11 @@ def write_outputs(args, recipe, title, data, history, results, predictions, star
                           f"{title}: confusion matrix (test set)", os.path.join(out, "confusion_matrix.png"))
     draw_mistakes(data.test[0], labels, predictions, data.classes, f"{title}: misclassified test images",
                   os.path.join(out, "mistakes.png"))
+    draw_filters(model, f"{title}: the filters it learned", os.path.join(out, "filters.png"))
+    x = data.normalized(data.test[0][:1])[0]
+    draw_feature_maps(data.test[0][0], labels[0], predictions[0], data.classes, saliency(model, x, predictions[0]),
+                      feature_maps(model, x), f"{title}: one test image through the network",
+                      os.path.join(out, "feature_maps.png"))
     metrics = dict(network=title, options=run_options(args), recipe=recipe, history=history, **results)
     with atomic_write(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -3308,11 +3682,11 @@ def write_outputs(args, recipe, title, data, history, results, predictions, star
 MAX_IMAGE_PIXELS = 1 << 25  # larger pictures are refused before they are decoded
 
 
-def image_to_input(path, channels, height, width):
-    """Any image Pillow opens -> uint8 (1, C, H, W) like the training images.
-    Grayscale pictures with a light background are inverted, because MNIST digits
-    and Fashion-MNIST clothes are light on black."""
-    from PIL import Image, UnidentifiedImageError
+def open_picture(path):
+    """Any picture Pillow opens, as an RGB image: turned upright as the camera's
+    EXIF tag says, transparency over white.  A DataError names the file and what is
+    wrong (missing, not an image, too large to decode)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     try:
@@ -3322,43 +3696,159 @@ def image_to_input(path, channels, height, width):
                 if picture.width * picture.height > MAX_IMAGE_PIXELS:
                     raise DataError(f"{path}: {picture.width} x {picture.height} pixels, too large to "
                                     f"decode (at most {MAX_IMAGE_PIXELS:,} pixels)")
-                picture = picture.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-                pixels = np.asarray(picture, np.uint8)
+                picture = ImageOps.exif_transpose(picture)
+                if "A" in picture.getbands() or "transparency" in picture.info:
+                    rgba = picture.convert("RGBA")
+                    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+                return picture.convert("RGB")
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: too large to decode ({e})") from None
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read this image ({e})") from None
-    if channels == 1:
-        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-        if border.mean() > 127:
-            pixels = 255 - pixels
-        return pixels[None, None]
-    return pixels.transpose(2, 0, 1)[None]
+
+
+def _border(pixels):
+    """The pixels along the four edges of a (H, W, ...) array."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
+def _resized(pixels, size):
+    """uint8 (H, W) or (H, W, 3) resized to size (width, height), antialiased."""
+    from PIL import Image
+    return np.asarray(Image.fromarray(np.asarray(pixels, np.uint8)).resize(size, Image.LANCZOS))
+
+
+def prepare_like_mnist(picture):
+    """A picture of one digit -> uint8 (28, 28) made the way MNIST's were (LeCun et al.,
+    "The MNIST database"): light ink on black, the ink's bounding box scaled so that its
+    longer side is 20 pixels (aspect ratio kept, antialiased), placed in a 28 x 28 field
+    with its centre of mass at the centre.  The background is the median of the
+    border (a photo's noise and a dark or light page alike); ink is what differs from
+    it, stretched so the strongest ink is white.  A 28 x 28 picture that is already
+    light on black comes back unchanged."""
+    gray = np.asarray(picture.convert("L"), np.float64)
+    if gray.shape == (28, 28) and np.median(_border(gray)) < 128:
+        return gray.astype(np.uint8)
+    border = _border(gray)
+    background = np.median(border)
+    noise = 1.4826 * np.median(np.abs(border - background))        # robust standard deviation
+    ink = np.clip(np.abs(gray - background) - 3 * noise, 0, None)   # below 3 sigma: background
+    strongest = np.percentile(ink[ink > 0], 99) if np.any(ink > 0) else 0
+    if strongest <= 0:
+        return np.zeros((28, 28), np.uint8)
+    ink = np.clip(255 * ink / strongest, 0, 255)
+    rows, cols = np.nonzero(ink > 64)
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # the bounding box
+    h, w = ink.shape
+    scale = 20 / max(h, w)
+    box = _resized(ink, (max(1, round(w * scale)), max(1, round(h * scale)))).astype(np.float64)
+    ys, xs = np.indices(box.shape)
+    centre = (ys * box).sum() / box.sum(), (xs * box).sum() / box.sum()
+    top = int(np.clip(round(13.5 - centre[0]), 0, 28 - box.shape[0]))
+    left = int(np.clip(round(13.5 - centre[1]), 0, 28 - box.shape[1]))
+    field = np.zeros((28, 28))
+    field[top:top + box.shape[0], left:left + box.shape[1]] = box
+    return np.clip(field, 0, 255).astype(np.uint8)
+
+
+def prepare_like_fashion(picture):
+    """A product photo -> uint8 (28, 28) made the way Fashion-MNIST's were (its README):
+    edges within 5 % of the corner colour trimmed, the longer side scaled to 28 pixels
+    (aspect ratio kept, antialiased), the shorter side centred on a 28 x 28 canvas of
+    the corner colour, negated where the background is light, greyscale.  A 28 x 28
+    picture that is already light on black comes back unchanged."""
+    rgb = np.asarray(picture.convert("RGB"), np.float64)
+    gray = np.asarray(picture.convert("L"))
+    if gray.shape == (28, 28) and np.median(_border(gray)) < 128:
+        return gray
+    corners = np.median(np.stack([rgb[0, 0], rgb[0, -1], rgb[-1, 0], rgb[-1, -1]]), axis=0)
+    differs = np.sqrt(((rgb - corners) ** 2).sum(axis=2)) > 0.05 * np.sqrt(3) * 255
+    if np.any(differs):
+        rows, cols = np.nonzero(differs)
+        rgb = rgb[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = rgb.shape[:2]
+    scale = 28 / max(h, w)
+    item = _resized(rgb, (max(1, round(w * scale)), max(1, round(h * scale))))
+    canvas = np.empty((28, 28, 3), np.uint8)
+    canvas[:] = corners.astype(np.uint8)
+    top, left = (28 - item.shape[0]) // 2, (28 - item.shape[1]) // 2
+    canvas[top:top + item.shape[0], left:left + item.shape[1]] = item
+    gray = np.asarray(_to_image(canvas).convert("L"))
+    return 255 - gray if corners.mean() > 127 else gray
+
+
+def prepare_like_cifar(picture):
+    """A photo -> uint8 (32, 32, 3) like CIFAR-10's: the centre square (no squashing),
+    downscaled to 32 x 32, antialiased, in colour.  A 32 x 32 picture comes back
+    unchanged."""
+    rgb = np.asarray(picture.convert("RGB"))
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    square = rgb[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    return square if side == 32 else _resized(square, (32, 32))
+
+
+PREPARE = {"mnist": prepare_like_mnist, "fashion-mnist": prepare_like_fashion, "cifar10": prepare_like_cifar}
+
+
+def _to_image(pixels):
+    from PIL import Image
+    return Image.fromarray(np.asarray(pixels, np.uint8))
+
+
+def image_to_input(path, dataset):
+    """(the picture as given, uint8 (1, C, H, W) prepared like the dataset's images)."""
+    picture = open_picture(path)
+    pixels = PREPARE[dataset](picture)
+    return picture, (pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None])
+
+
+def dataset_of(meta):
+    """The dataset a checkpoint's model was trained on (older checkpoints do not say:
+    from its input shape and class names)."""
+    if meta.get("dataset") in PREPARE:
+        return meta["dataset"]
+    if list(meta["input_shape"]) == [3, 32, 32]:
+        return "cifar10"
+    return "fashion-mnist" if list(meta["classes"]) == CLASS_NAMES["fashion-mnist"] else "mnist"
 
 
 def predict_files(files, out, network):
-    """Print the top three classes of each image file with the model trained in out
-    (network(rng) builds it); the files that cannot be read get one error line each
-    after the others' predictions, and exit code 2."""
+    """Print the top three classes of each picture with the model trained in out
+    (network(rng) builds it), the picture prepared like the dataset's images (PREPARE),
+    and draw OUT/predictions/<name>.png (draw_prediction).  The files that cannot be
+    read get one error line each after the others' predictions, and exit code 2."""
     checkpoint = os.path.join(out, "model.npz")
     model = network(np.random.default_rng(0))
     try:
         meta = load_checkpoint(checkpoint, model)
         mean, std = np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32)
-        classes, (c, h, w) = list(meta["classes"]), meta["input_shape"]
+        classes, dataset = list(meta["classes"]), dataset_of(meta)
     except DataError as e:
         fail(str(e))
     except (KeyError, TypeError, ValueError):
         fail(f"{checkpoint}: damaged checkpoint (its metadata lacks the normalization, classes or input shape)")
-    errors = []
+    folder, errors, names = os.path.join(out, "predictions"), [], set()
+    os.makedirs(folder, exist_ok=True)
     for path in files:
         try:
-            pixels = image_to_input(path, c, h, w)
+            picture, pixels = image_to_input(path, dataset)
         except DataError as e:
             errors.append(str(e))
             continue
-        probs = np.exp(log_softmax(model.predict(normalize(pixels, mean, std)).astype(np.float64)))[0]
+        x = normalize(pixels, mean, std)
+        probs = np.exp(log_softmax(model.predict(x).astype(np.float64)))[0]
         print(f"{path}: " + ", ".join(f"{classes[k]} {probs[k]:.3f}" for k in np.argsort(-probs)[:3]))
+        name = stem = os.path.splitext(os.path.basename(path))[0]
+        while name in names:  # two files of the same name from different folders
+            name = f"{stem}-{len(names)}"
+        names.add(name)
+        top = int(np.argmax(probs))
+        draw_prediction(picture, pixels[0], probs, classes, saliency(model, x[0], top), feature_maps(model, x[0]),
+                        f"{os.path.basename(path)}: {classes[top]} ({probs[top]:.0%})",
+                        os.path.join(folder, f"{name}.png"))
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     if errors:
@@ -3553,7 +4043,7 @@ def bench(argv):
             percent = f"{100 * rate / peak:7.0f}%" if rate else f"{'':8}"
             print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x" if t_loop else row)
     stolen = cpu_steal_since(steal_start)
-    print(f"\nwhole networks: python train_mnist.py --net 2 --bench, train_cifar.py --net 4 --bench, ...")
+    print("\nwhole networks: python train_mnist.py --net 2 --bench, train_cifar.py --net 4 --bench, ...")
     print(f"bench took {time.time() - started:.0f} s" +
           (f"; the host took {stolen:.0%} of this VM's CPU time meanwhile (steal)" if stolen is not None else ""))
     return 0

@@ -108,7 +108,7 @@ def main(argv=None):
         whiten(model, data)
     history = cnn.train(model, data, recipe, args, title)
     results, predictions = cnn.test(model, data, tta=recipe.get("tta", 0))
-    return cnn.write_outputs(args, recipe, title, data, history, results, predictions, started)
+    return cnn.write_outputs(args, recipe, title, data, model, history, results, predictions, started)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main(argv=None):
     model = cnn.build_model(network, data, args)
     history = cnn.train(model, data, recipe, args, title)
     results, predictions = cnn.test(model, data)
-    return cnn.write_outputs(args, recipe, title, data, history, results, predictions, started)
+    return cnn.write_outputs(args, recipe, title, data, model, history, results, predictions, started)
 
 
 if __name__ == "__main__":
