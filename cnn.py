@@ -1232,9 +1232,7 @@ class Call:
     call could take for its own."""
 
     def __init__(self, fn):
-        self.fn, self.error = fn, None
-        self.claim, self.done = threading.Lock(), threading.Lock()
-        self.done.acquire()
+        self.fn, self.error, self.claim, self.done = fn, None, threading.Lock(), threading.Event()
 
     def run(self):
         """Run fn, unless another thread already claimed it."""
@@ -1245,17 +1243,25 @@ class Call:
                 self.error = error
             finally:
                 self.fn = None               # no reference to the caller's arrays stays behind
-                self.done.release()
+                self.done.set()
 
     def cancel(self):
         """Make sure fn never starts, if it has not."""
         if self.claim.acquire(blocking=False):
             self.fn = None
-            self.done.release()
+            self.done.set()
 
     def wait(self):
-        """Wait for the call to end; returns the exception it raised, or None."""
-        self.done.acquire()
+        """Wait for the call to end, even through Ctrl-C (raised once it ended);
+        returns the exception the call raised, or None."""
+        interrupted = None
+        while not self.done.is_set():
+            try:
+                self.done.wait()
+            except KeyboardInterrupt as interrupt:
+                interrupted = interrupt
+        if interrupted is not None:
+            raise interrupted
         return self.error
 
 
@@ -1269,6 +1275,7 @@ class EngineState:
 
     def __init__(self):
         self.lock, self.work, self.helpers = threading.Lock(), queue.SimpleQueue(), 0
+        self.waiting = 0  # helpers waiting for work: they take what is queued next
         self.blas_holders, self.blas_before, self.blas_changed = set(), None, False
 
     def hand_out(self, calls):
@@ -1282,7 +1289,12 @@ class EngineState:
 
     def _serve(self):  # a helper thread
         while True:
-            self.work.get().run()
+            with self.lock:
+                self.waiting += 1
+            call = self.work.get()
+            with self.lock:
+                self.waiting -= 1
+            call.run()
 
     def hold_blas(self, thread):
         """Set OpenBLAS to one thread for `thread` (its ident), unless a holder
@@ -1396,8 +1408,9 @@ def in_parallel(fn, arrays, parts):
     """[fn(i, *slices_i) for i in range(parts)], slices_i being the i-th of `parts`
     near-equal slices along axis 0 of each array (None stays None).  Helper threads
     run slices 1, 2, ... at the same time as this thread runs slice 0; this thread
-    also runs any slice no helper took meanwhile.  The slices never depend on who
-    runs them, so neither do the results."""
+    also runs the slices that no helper took and none is about to take (all busy,
+    e.g. with another thread's work).  The slices never depend on who runs them, so
+    neither do the results."""
     n = len(arrays[0])
     bounds = [n * i // parts for i in range(parts + 1)]
     slices = [[None if a is None else a[lo:hi] for a in arrays] for lo, hi in zip(bounds, bounds[1:])]
@@ -1412,14 +1425,18 @@ def in_parallel(fn, arrays, parts):
             _local.blas_held = before
 
     calls = [Call(lambda i=i: run(i)) for i in range(1, parts)]
-    engine().hand_out(calls)
+    state = engine()
+    state.hand_out(calls)
     try:
         run(0)
         for call in calls:
-            call.run()
-    finally:  # also after an exception: no call may start, or go on, after this returns
+            if not state.waiting:
+                call.run()
+    except BaseException:  # Ctrl-C or an error: what has not started never starts
         for call in calls:
             call.cancel()
+        raise
+    finally:  # and what has started has ended before this returns
         errors = [error for error in (call.wait() for call in calls) if error is not None]
     if errors:
         raise errors[0]
