@@ -1510,15 +1510,20 @@ def keep_freed_memory():
     array of more than a few megabytes is mapped fresh and unmapped when freed, so
     each training step pays again for the page faults and zeroing of its memory.
     Process-wide, so the engine never calls it: the scripts and the bench do, and a
-    program of your own may."""
+    program of your own may.  A TwinProcess started afterwards does it too."""
+    global FREED_MEMORY_KEPT
     import ctypes
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1)  # no array gets its own mapping
         libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and freed memory is not returned
+        FREED_MEMORY_KEPT = True
     except (OSError, AttributeError, TypeError):     # not glibc: no mallopt to call
         pass
+
+
+FREED_MEMORY_KEPT = False  # keep_freed_memory() was called in this process
 
 
 # --- work arrays and matrix products ----------------------------------------------------
@@ -2224,7 +2229,7 @@ class SharedArrays:
 
 
 # The engine's settings, which the twin process takes over so that it computes alike.
-ENGINE_SETTINGS = ("CORES", "SPLIT_MIN", "CHUNK_BYTES", "SMALL_MATMUL")
+ENGINE_SETTINGS = ("CORES", "SPLIT_MIN", "CHUNK_BYTES", "SMALL_MATMUL", "FREED_MEMORY_KEPT")
 
 
 def _send(stream, data):
@@ -2347,6 +2352,8 @@ def serve_twin():
     os.dup2(2, 1)  # anything printed goes to stderr, not into the messages
     model, loss_fn, path, specs, settings = pickle.loads(_receive(stdin))
     globals().update(settings)
+    if FREED_MEMORY_KEPT:
+        keep_freed_memory()
     shared = SharedArrays(specs, path).arrays
     blas_threads(1)  # for good: this process only ever runs its slice on its core
     _local.cores_taken = _local.blas_held = True

@@ -74,7 +74,7 @@ def test_conv_gradients(monkeypatch, impl, stride, padding, channels):
     c, f = channels
     layer = cnn.Conv2D(c, f, 3, stride=stride, padding=padding, impl=impl, dtype=np.float64, rng=rng)
     layer.params["b"][:] = rng.standard_normal(f)
-    x = rng.standard_normal((3, c, 7, 6))  # 7 x 6: odd, non-square
+    x = rng.standard_normal((2 if impl == "loop" else 3, c, 7, 6))  # 7 x 6: odd, non-square
     check_layer_gradients(layer, x)
     if impl == "fast":  # channels-last memory input: the other im2col layout
         check_layer_gradients(layer, cnn.nchw_view(cnn.nhwc(x)))
