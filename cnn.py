@@ -3299,7 +3299,8 @@ def _grid(maps, tile, columns, signed=False):
     grid = Image.new("RGB", (columns * (tile + 4) + 4, rows * (tile + 4) + 4), (235, 235, 235))
     for k, m in enumerate(maps):
         low, high = (-np.abs(m).max(), np.abs(m).max()) if signed else (float(m.min()), float(m.max()))
-        pixels = ((m - low) / (high - low) * 255 if high > low else np.full(m.shape, 128)).astype(np.uint8)
+        pixels = ((m - low) / (high - low) * 255 if high > low else np.full(m.shape, 128 if signed else 0)
+                  ).astype(np.uint8)
         cell = Image.fromarray(pixels).resize((tile, tile), Image.NEAREST)
         grid.paste(cell, (4 + (k % columns) * (tile + 4), 4 + (k // columns) * (tile + 4)))
     return grid
@@ -3349,7 +3350,7 @@ def draw_prediction(picture, image, probs, classes, sal, maps, title, path, widt
     draw.text((width / 2, 20), title, fill="black", font=font, anchor="mm")
     given = picture.copy()
     given.thumbnail((panel, panel))
-    x0 = [10, 10 + panel + 20, 10 + 2 * (panel + 20) + 170]
+    x0 = [10, 10 + panel + 20, 10 + 2 * (panel + 20) + 180]
     for x, label, shown in ((x0[0], "the picture as given", given),
                             (x0[1], "what the network sees", _as_picture(image, panel)),
                             (x0[2], "saliency: where it looked", _overlay(image, sal, panel))):
@@ -3360,9 +3361,9 @@ def draw_prediction(picture, image, probs, classes, sal, maps, title, path, widt
     for rank, k in enumerate(np.argsort(-probs)[:5]):
         y = 64 + rank * 26
         draw.text((bars_x, y + 9), str(classes[k])[:11], fill="black", font=small, anchor="lm")
-        draw.rectangle([bars_x + 70, y + 2, bars_x + 70 + int(90 * probs[k]), y + 16],
+        draw.rectangle([bars_x + 70, y + 2, bars_x + 70 + int(100 * probs[k]), y + 16],
                        fill=(40, 90, 200) if rank == 0 else (150, 170, 210))
-        draw.text((bars_x + 165, y + 9), f"{probs[k]:.2f}", fill="black", font=small, anchor="rm")
+        draw.text((bars_x + 172, y + 9), f"{probs[k]:.2f}", fill="black", font=small, anchor="lm")
     _heat_legend(draw, x0[2], 60 + panel + 8, 150, small)
     _map_rows(canvas, draw, maps, 60 + panel + 50, width, small)
     _save_png(canvas, path)
@@ -3420,7 +3421,7 @@ def draw_filters(model, title, path, tile=40):
             grid = _grid(weights.sum(axis=1), tile, columns, signed=True)
         images.append((label, grid))
     width = max(g.width for _, g in images) + 20
-    canvas = Image.new("RGB", (max(width, 700), 50 + sum(30 + g.height for _, g in images) + 30), "white")
+    canvas = Image.new("RGB", (max(width, 700), 50 + sum(30 + g.height for _, g in images) + 45), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((canvas.width / 2, 20), title, fill="black", font=font, anchor="mm")
     top = 45
@@ -3428,8 +3429,10 @@ def draw_filters(model, title, path, tile=40):
         draw.text((10, top), label, fill="black", font=small)
         canvas.paste(grid, (10, top + 18))
         top += 30 + grid.height
-    draw.text((10, top), "grey: weight 0; lighter: positive, darker: negative (each filter scaled to its largest "
-                         "weight; colour filters show their weight per channel)", fill="black", font=small)
+    draw.text((10, top), "grey: weight 0, lighter: positive, darker: negative; each filter scaled to its",
+              fill="black", font=small)
+    draw.text((10, top + 16), "largest weight (colour filters: the weight of each colour channel)",
+              fill="black", font=small)
     _save_png(canvas, path)
 
 
@@ -3748,23 +3751,26 @@ def prepare_like_mnist(picture):
     """A picture of one digit -> uint8 (28, 28) made the way MNIST's were (LeCun et al.,
     "The MNIST database"): light ink on black, the ink's bounding box scaled so that its
     longer side is 20 pixels (aspect ratio kept, antialiased), placed in a 28 x 28 field
-    with its centre of mass at the centre.  The background is the median of the
-    border (a photo's noise and a dark or light page alike); ink is what differs from
-    it, stretched so the strongest ink is white.  A 28 x 28 picture that is already
-    light on black comes back unchanged."""
+    with its centre of mass at the centre.  The page is the plane that best fits the
+    border (a photo's uneven light too), the ink what differs from it by more than the
+    photo's noise, dark on light or light on dark; the bounding box is found on a
+    slightly blurred copy, so that specks of noise do not widen it.  A 28 x 28
+    picture that is already light on black comes back unchanged."""
+    from PIL import Image, ImageFilter
     gray = np.asarray(picture.convert("L"), np.float64)
     if gray.shape == (28, 28) and np.median(_border(gray)) < 128:
         return gray.astype(np.uint8)
-    border = _border(gray)
-    background = np.median(border)
-    noise = 1.4826 * np.median(np.abs(border - background))        # robust standard deviation
-    ink = np.clip(np.abs(gray - background) - 3 * noise, 0, None)   # below 3 sigma: background
-    strongest = np.percentile(ink[ink > 0], 99) if np.any(ink > 0) else 0
-    if strongest <= 0:
+    ink = np.abs(gray - _page(gray))
+    noise = 1.4826 * np.median(_border(ink))                        # robust standard deviation
+    ink = np.clip(ink - 3 * noise, 0, None)                         # within 3 sigma: the page
+    if ink.max() <= 0:
         return np.zeros((28, 28), np.uint8)
-    ink = np.clip(255 * ink / strongest, 0, 255)
-    rows, cols = np.nonzero(ink > 64)
+    radius = max(1.0, min(gray.shape) / 100)
+    blurred = np.asarray(Image.fromarray((255 * ink / ink.max()).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(radius)), np.float64)
+    rows, cols = np.nonzero(blurred > 0.2 * blurred.max())
     ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # the bounding box
+    ink = np.clip(255 * ink / np.percentile(ink[ink > 0], 99), 0, 255)
     h, w = ink.shape
     scale = 20 / max(h, w)
     box = _resized(ink, (max(1, round(w * scale)), max(1, round(h * scale)))).astype(np.float64)
@@ -3775,6 +3781,22 @@ def prepare_like_mnist(picture):
     field = np.zeros((28, 28))
     field[top:top + box.shape[0], left:left + box.shape[1]] = box
     return np.clip(field, 0, 255).astype(np.uint8)
+
+
+def _page(gray):
+    """The plane a + b*x + c*y that fits the border pixels of gray (H, W) best, fitted
+    twice, the second time without the border pixels it missed by more than 3 sigma."""
+    h, w = gray.shape
+    ys, xs = np.indices(gray.shape)
+    on_border = np.zeros(gray.shape, bool)
+    on_border[[0, -1]], on_border[:, [0, -1]] = True, True
+    terms = np.stack([np.ones(on_border.sum()), xs[on_border] / w, ys[on_border] / h], axis=1)
+    values, keep = gray[on_border], np.ones(on_border.sum(), bool)
+    for _ in range(2):
+        coef = np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
+        missed = np.abs(terms @ coef - values)
+        keep = missed <= max(3 * 1.4826 * np.median(missed), 1.0)
+    return coef[0] + coef[1] * xs / w + coef[2] * ys / h
 
 
 def prepare_like_fashion(picture):
