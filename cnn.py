@@ -2399,7 +2399,7 @@ def twin_process(model, loss_fn):
 
 
 # ======================================================================================
-# Part III, running it: data, training, metrics, drawing, command line, bench
+# Part III, running it: data, training, metrics, pictures, command line, bench
 # ======================================================================================
 
 # --- data: readers and a checked downloader ---------------------------------------------
@@ -3231,6 +3231,153 @@ def draw_mistakes(images, labels, predictions, classes, title, path, count=40, c
 
 
 
+# --- your own pictures, prepared like the dataset's images -------------------------------
+
+MAX_IMAGE_PIXELS = 1 << 25  # larger pictures are refused before they are decoded
+
+
+def open_picture(path):
+    """Any picture Pillow opens, as an RGB image: turned upright as the camera's
+    EXIF tag says, transparency over white.  A DataError names the file and what is
+    wrong (missing, not an image, too large to decode)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                if picture.width * picture.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: {picture.width} x {picture.height} pixels, too large to "
+                                    f"decode (at most {MAX_IMAGE_PIXELS:,} pixels)")
+                picture = ImageOps.exif_transpose(picture)
+                if "A" in picture.getbands() or "transparency" in picture.info:
+                    rgba = picture.convert("RGBA")
+                    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+                return picture.convert("RGB")
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: too large to decode ({e})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read this image ({e})") from None
+
+
+def _border(pixels):
+    """The pixels along the four edges of a (H, W, ...) array."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
+def _resized(pixels, size):
+    """uint8 (H, W) or (H, W, 3) resized to size (width, height), antialiased."""
+    from PIL import Image
+    return np.asarray(Image.fromarray(np.asarray(pixels, np.uint8)).resize(size, Image.LANCZOS))
+
+
+def prepare_like_mnist(picture):
+    """A picture of one digit -> uint8 (28, 28) made the way MNIST's were (LeCun et al.,
+    "The MNIST database"): light ink on black, the ink's bounding box scaled so that its
+    longer side is 20 pixels (aspect ratio kept, antialiased), placed in a 28 x 28 field
+    with its centre of mass at the centre.  The page is the plane that best fits the
+    border (a photo's uneven light too), the ink what differs from it by more than the
+    photo's noise, dark on light or light on dark; the bounding box is found on a
+    slightly blurred copy, so that specks of noise do not widen it.  A 28 x 28
+    picture that is already light on black comes back unchanged."""
+    from PIL import Image, ImageFilter
+    gray = np.asarray(picture.convert("L"), np.float64)
+    if gray.shape == (28, 28) and np.median(_border(gray)) < 128:
+        return gray.astype(np.uint8)
+    ink = np.abs(gray - _page(gray))
+    noise = 1.4826 * np.median(_border(ink))                        # robust standard deviation
+    ink = np.clip(ink - 3 * noise, 0, None)                         # within 3 sigma: the page
+    if ink.max() <= 0:
+        return np.zeros((28, 28), np.uint8)
+    radius = max(1.0, min(gray.shape) / 100)
+    blurred = np.asarray(Image.fromarray((255 * ink / ink.max()).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(radius)), np.float64)
+    rows, cols = np.nonzero(blurred > 0.2 * blurred.max())
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # the bounding box
+    ink = np.clip(255 * ink / np.percentile(ink[ink > 0], 99), 0, 255)
+    h, w = ink.shape
+    scale = 20 / max(h, w)
+    box = _resized(ink, (max(1, round(w * scale)), max(1, round(h * scale)))).astype(np.float64)
+    ys, xs = np.indices(box.shape)
+    centre = (ys * box).sum() / box.sum(), (xs * box).sum() / box.sum()
+    top = int(np.clip(round(13.5 - centre[0]), 0, 28 - box.shape[0]))
+    left = int(np.clip(round(13.5 - centre[1]), 0, 28 - box.shape[1]))
+    field = np.zeros((28, 28))
+    field[top:top + box.shape[0], left:left + box.shape[1]] = box
+    return np.clip(field, 0, 255).astype(np.uint8)
+
+
+def _page(gray):
+    """The plane a + b*x + c*y that fits the border pixels of gray (H, W) best, fitted
+    twice, the second time without the border pixels it missed by more than 3 sigma."""
+    h, w = gray.shape
+    ys, xs = np.indices(gray.shape)
+    on_border = np.zeros(gray.shape, bool)
+    on_border[[0, -1]], on_border[:, [0, -1]] = True, True
+    terms = np.stack([np.ones(on_border.sum()), xs[on_border] / w, ys[on_border] / h], axis=1)
+    values, keep = gray[on_border], np.ones(on_border.sum(), bool)
+    for _ in range(2):
+        coef = np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
+        missed = np.abs(terms @ coef - values)
+        keep = missed <= max(3 * 1.4826 * np.median(missed), 1.0)
+    return coef[0] + coef[1] * xs / w + coef[2] * ys / h
+
+
+def prepare_like_fashion(picture):
+    """A product photo -> uint8 (28, 28) made the way Fashion-MNIST's were (its README):
+    edges within 5 % of the corner colour trimmed, the longer side scaled to 28 pixels
+    (aspect ratio kept, antialiased), the shorter side centred on a 28 x 28 canvas of
+    the corner colour, negated where the background is light, greyscale.  A 28 x 28
+    picture that is already light on black comes back unchanged."""
+    rgb = np.asarray(picture.convert("RGB"), np.float64)
+    gray = np.asarray(picture.convert("L"))
+    if gray.shape == (28, 28) and np.median(_border(gray)) < 128:
+        return gray
+    corners = np.median(np.stack([rgb[0, 0], rgb[0, -1], rgb[-1, 0], rgb[-1, -1]]), axis=0)
+    differs = np.sqrt(((rgb - corners) ** 2).sum(axis=2)) > 0.05 * np.sqrt(3) * 255
+    if np.any(differs):
+        rows, cols = np.nonzero(differs)
+        rgb = rgb[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = rgb.shape[:2]
+    scale = 28 / max(h, w)
+    item = _resized(rgb, (max(1, round(w * scale)), max(1, round(h * scale))))
+    canvas = np.empty((28, 28, 3), np.uint8)
+    canvas[:] = corners.astype(np.uint8)
+    top, left = (28 - item.shape[0]) // 2, (28 - item.shape[1]) // 2
+    canvas[top:top + item.shape[0], left:left + item.shape[1]] = item
+    gray = np.asarray(_to_image(canvas).convert("L"))
+    return 255 - gray if corners.mean() > 127 else gray
+
+
+def prepare_like_cifar(picture):
+    """A photo -> uint8 (32, 32, 3) like CIFAR-10's: the centre square (no squashing),
+    downscaled to 32 x 32, antialiased, in colour.  A 32 x 32 picture comes back
+    unchanged."""
+    rgb = np.asarray(picture.convert("RGB"))
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    square = rgb[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    return square if side == 32 else _resized(square, (32, 32))
+
+
+PREPARE = {"mnist": prepare_like_mnist, "fashion-mnist": prepare_like_fashion, "cifar10": prepare_like_cifar}
+
+
+def _to_image(pixels):
+    from PIL import Image
+    return Image.fromarray(np.asarray(pixels, np.uint8))
+
+
+def image_to_input(path, dataset):
+    """(the picture as given, uint8 (1, C, H, W) prepared like the dataset's images)."""
+    picture = open_picture(path)
+    pixels = PREPARE[dataset](picture)
+    return picture, (pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None])
+
+
 # --- what the network learned: saliency, feature maps, filters -----------------------------
 
 def saliency(model, x, label):
@@ -3704,151 +3851,6 @@ def write_outputs(args, recipe, title, data, model, history, results, prediction
           + (f"  (without TTA: accuracy {without['test_accuracy']:.4f})" if without else "")
           + f"  wall time {results['wall_seconds']:.0f}s  outputs in {out}")
     return metrics
-
-
-MAX_IMAGE_PIXELS = 1 << 25  # larger pictures are refused before they are decoded
-
-
-def open_picture(path):
-    """Any picture Pillow opens, as an RGB image: turned upright as the camera's
-    EXIF tag says, transparency over white.  A DataError names the file and what is
-    wrong (missing, not an image, too large to decode)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as picture:
-                if picture.width * picture.height > MAX_IMAGE_PIXELS:
-                    raise DataError(f"{path}: {picture.width} x {picture.height} pixels, too large to "
-                                    f"decode (at most {MAX_IMAGE_PIXELS:,} pixels)")
-                picture = ImageOps.exif_transpose(picture)
-                if "A" in picture.getbands() or "transparency" in picture.info:
-                    rgba = picture.convert("RGBA")
-                    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-                return picture.convert("RGB")
-    except DataError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{path}: too large to decode ({e})") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read this image ({e})") from None
-
-
-def _border(pixels):
-    """The pixels along the four edges of a (H, W, ...) array."""
-    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-
-
-def _resized(pixels, size):
-    """uint8 (H, W) or (H, W, 3) resized to size (width, height), antialiased."""
-    from PIL import Image
-    return np.asarray(Image.fromarray(np.asarray(pixels, np.uint8)).resize(size, Image.LANCZOS))
-
-
-def prepare_like_mnist(picture):
-    """A picture of one digit -> uint8 (28, 28) made the way MNIST's were (LeCun et al.,
-    "The MNIST database"): light ink on black, the ink's bounding box scaled so that its
-    longer side is 20 pixels (aspect ratio kept, antialiased), placed in a 28 x 28 field
-    with its centre of mass at the centre.  The page is the plane that best fits the
-    border (a photo's uneven light too), the ink what differs from it by more than the
-    photo's noise, dark on light or light on dark; the bounding box is found on a
-    slightly blurred copy, so that specks of noise do not widen it.  A 28 x 28
-    picture that is already light on black comes back unchanged."""
-    from PIL import Image, ImageFilter
-    gray = np.asarray(picture.convert("L"), np.float64)
-    if gray.shape == (28, 28) and np.median(_border(gray)) < 128:
-        return gray.astype(np.uint8)
-    ink = np.abs(gray - _page(gray))
-    noise = 1.4826 * np.median(_border(ink))                        # robust standard deviation
-    ink = np.clip(ink - 3 * noise, 0, None)                         # within 3 sigma: the page
-    if ink.max() <= 0:
-        return np.zeros((28, 28), np.uint8)
-    radius = max(1.0, min(gray.shape) / 100)
-    blurred = np.asarray(Image.fromarray((255 * ink / ink.max()).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(radius)), np.float64)
-    rows, cols = np.nonzero(blurred > 0.2 * blurred.max())
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # the bounding box
-    ink = np.clip(255 * ink / np.percentile(ink[ink > 0], 99), 0, 255)
-    h, w = ink.shape
-    scale = 20 / max(h, w)
-    box = _resized(ink, (max(1, round(w * scale)), max(1, round(h * scale)))).astype(np.float64)
-    ys, xs = np.indices(box.shape)
-    centre = (ys * box).sum() / box.sum(), (xs * box).sum() / box.sum()
-    top = int(np.clip(round(13.5 - centre[0]), 0, 28 - box.shape[0]))
-    left = int(np.clip(round(13.5 - centre[1]), 0, 28 - box.shape[1]))
-    field = np.zeros((28, 28))
-    field[top:top + box.shape[0], left:left + box.shape[1]] = box
-    return np.clip(field, 0, 255).astype(np.uint8)
-
-
-def _page(gray):
-    """The plane a + b*x + c*y that fits the border pixels of gray (H, W) best, fitted
-    twice, the second time without the border pixels it missed by more than 3 sigma."""
-    h, w = gray.shape
-    ys, xs = np.indices(gray.shape)
-    on_border = np.zeros(gray.shape, bool)
-    on_border[[0, -1]], on_border[:, [0, -1]] = True, True
-    terms = np.stack([np.ones(on_border.sum()), xs[on_border] / w, ys[on_border] / h], axis=1)
-    values, keep = gray[on_border], np.ones(on_border.sum(), bool)
-    for _ in range(2):
-        coef = np.linalg.lstsq(terms[keep], values[keep], rcond=None)[0]
-        missed = np.abs(terms @ coef - values)
-        keep = missed <= max(3 * 1.4826 * np.median(missed), 1.0)
-    return coef[0] + coef[1] * xs / w + coef[2] * ys / h
-
-
-def prepare_like_fashion(picture):
-    """A product photo -> uint8 (28, 28) made the way Fashion-MNIST's were (its README):
-    edges within 5 % of the corner colour trimmed, the longer side scaled to 28 pixels
-    (aspect ratio kept, antialiased), the shorter side centred on a 28 x 28 canvas of
-    the corner colour, negated where the background is light, greyscale.  A 28 x 28
-    picture that is already light on black comes back unchanged."""
-    rgb = np.asarray(picture.convert("RGB"), np.float64)
-    gray = np.asarray(picture.convert("L"))
-    if gray.shape == (28, 28) and np.median(_border(gray)) < 128:
-        return gray
-    corners = np.median(np.stack([rgb[0, 0], rgb[0, -1], rgb[-1, 0], rgb[-1, -1]]), axis=0)
-    differs = np.sqrt(((rgb - corners) ** 2).sum(axis=2)) > 0.05 * np.sqrt(3) * 255
-    if np.any(differs):
-        rows, cols = np.nonzero(differs)
-        rgb = rgb[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    h, w = rgb.shape[:2]
-    scale = 28 / max(h, w)
-    item = _resized(rgb, (max(1, round(w * scale)), max(1, round(h * scale))))
-    canvas = np.empty((28, 28, 3), np.uint8)
-    canvas[:] = corners.astype(np.uint8)
-    top, left = (28 - item.shape[0]) // 2, (28 - item.shape[1]) // 2
-    canvas[top:top + item.shape[0], left:left + item.shape[1]] = item
-    gray = np.asarray(_to_image(canvas).convert("L"))
-    return 255 - gray if corners.mean() > 127 else gray
-
-
-def prepare_like_cifar(picture):
-    """A photo -> uint8 (32, 32, 3) like CIFAR-10's: the centre square (no squashing),
-    downscaled to 32 x 32, antialiased, in colour.  A 32 x 32 picture comes back
-    unchanged."""
-    rgb = np.asarray(picture.convert("RGB"))
-    h, w = rgb.shape[:2]
-    side = min(h, w)
-    square = rgb[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    return square if side == 32 else _resized(square, (32, 32))
-
-
-PREPARE = {"mnist": prepare_like_mnist, "fashion-mnist": prepare_like_fashion, "cifar10": prepare_like_cifar}
-
-
-def _to_image(pixels):
-    from PIL import Image
-    return Image.fromarray(np.asarray(pixels, np.uint8))
-
-
-def image_to_input(path, dataset):
-    """(the picture as given, uint8 (1, C, H, W) prepared like the dataset's images)."""
-    picture = open_picture(path)
-    pixels = PREPARE[dataset](picture)
-    return picture, (pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None])
 
 
 def dataset_of(meta):
