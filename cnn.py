@@ -124,7 +124,7 @@ class Layer:
         if x.dtype.kind != "f":
             raise TypeError(f"{self!r}: input must be floating-point, got {x.dtype} "
                             f"(convert integer images to float first, e.g. x / 255)")
-        if x.ndim == 0 or len(x) == 0:
+        if x.ndim and len(x) == 0:
             raise ValueError(f"{self!r}: empty batch, input of shape {tuple(x.shape)}")
         pattern = self.input_pattern()
         if pattern is not None and not shape_fits(x.shape, pattern):
