@@ -4087,7 +4087,9 @@ def bench(argv):
         batch = 4 if quick else batch
         model = bench_model(shape[0], convolutions, rng, net4=name == "net4")
         x = rng.standard_normal((batch,) + shape).astype(np.float32)
-        for row, rate, t_loop, t_fast in bench_layers(f"{name} N={batch}", model, x, 1 if quick else 5):
+        with one_blas_thread():  # as in training: the engine's threads, OpenBLAS on one
+            rows = bench_layers(f"{name} N={batch}", model, x, 1 if quick else 5)
+        for row, rate, t_loop, t_fast in rows:
             percent = f"{100 * rate / peak:7.0f}%" if rate else f"{'':8}"
             print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x" if t_loop else row)
     stolen = cpu_steal_since(steal_start)
