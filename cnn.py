@@ -1279,12 +1279,13 @@ class EngineState:
         self.blas_holders, self.blas_before, self.blas_changed = set(), None, False
 
     def hand_out(self, calls):
-        """Queue calls for the helper threads, starting helpers up to CORES - 1."""
+        """Queue calls for the helper threads, starting helpers up to CORES - 1 (none:
+        nothing is queued, the caller runs them all)."""
         with self.lock:
             while self.helpers < min(len(calls), CORES - 1):
                 self.helpers += 1
                 threading.Thread(target=self._serve, daemon=True).start()
-        for call in calls:
+        for call in calls if self.helpers else ():
             self.work.put(call)
 
     def _serve(self):  # a helper thread
