@@ -2265,9 +2265,18 @@ class TwinProcess:
         self.model, self.loss_fn, self.process, self.exit_code = model, loss_fn, None, None
         self.weights = [(layer, key) for layer in model.layers for key in layer.params]
         self.trained = [(layer, key) for _, layer, key in model.parameters()]
+        self.copy = None  # the pickled model and loss, once made; False: they cannot be pickled
 
     def fits(self, x):
-        return self.process is None or len(x) - len(x) // 2 <= len(self.shared.arrays["x"])
+        """Whether the twin can compute half of this batch: not more rows than its first
+        batch had, and a model and loss that can be pickled (else train_step splits
+        the batch over threads instead, with the same numbers)."""
+        if self.copy is None:
+            try:
+                self.copy = pickle.dumps((self.model, self.loss_fn))
+            except (pickle.PicklingError, TypeError, AttributeError):
+                self.copy = False
+        return bool(self.copy) and (self.process is None or len(x) - len(x) // 2 <= len(self.shared.arrays["x"]))
 
     def _start(self, x, y):
         rows = len(x) - len(x) // 2                                # the twin's half of a full batch
@@ -2287,7 +2296,8 @@ class TwinProcess:
         settings = {name: globals()[name] for name in ENGINE_SETTINGS}
         try:
             pickle.dump((sys.path, __name__), self.process.stdin)
-            _send(self.process.stdin, pickle.dumps((self.model, self.loss_fn, self.shared.path, specs, settings)))
+            _send(self.process.stdin, self.copy)
+            _send(self.process.stdin, pickle.dumps((self.shared.path, specs, settings)))
             ready = _receive(self.process.stdout)
         except OSError:
             ready = None
@@ -2298,7 +2308,8 @@ class TwinProcess:
     def step(self, x, y, meanwhile=None):
         """(mean loss, logits) of the batch, computed half here and half in the
         twin; the model's gradients are the whole batch's afterwards.  meanwhile()
-        runs once this half is done, while the twin (which started later) finishes."""
+        runs once this half is done, while the twin (which started later) finishes.
+        Only for a batch that fits()."""
         if self.process is None:
             self._start(x, y)
         shared, n, half = self.shared.arrays, len(x), len(x) // 2
@@ -2351,7 +2362,8 @@ def serve_twin():
     the model, loss and shared arrays, then one step of slice_gradient per "go"."""
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, not into the messages
-    model, loss_fn, path, specs, settings = pickle.loads(_receive(stdin))
+    model, loss_fn = pickle.loads(_receive(stdin))
+    path, specs, settings = pickle.loads(_receive(stdin))
     globals().update(settings)
     if FREED_MEMORY_KEPT:
         keep_freed_memory()

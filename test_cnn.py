@@ -2410,6 +2410,18 @@ def test_a_pickled_trained_model_carries_no_work_arrays():
     assert np.array_equal(copy_.predict(x), model.predict(x))
 
 
+def test_a_model_that_cannot_be_pickled_trains_on_threads_with_the_same_numbers(monkeypatch):
+    monkeypatch.setattr(cnn, "CORES", 2)
+    rng = np.random.default_rng(77)
+    model, loss_fn = small_model(rng), cnn.SoftmaxCrossEntropy()
+    model.layers[0].note = lambda: "a lambda cannot be pickled"
+    x, y = rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.integers(0, 3, 8)
+    with cnn.twin_process(model, loss_fn) as twin:
+        loss, logits = cnn.train_step(model, loss_fn, x, y, twin)
+        assert twin.copy is False and twin.process is None
+    assert (loss, logits.tolist()) == (lambda r: (r[0], r[1].tolist()))(cnn.train_step(model, loss_fn, x, y))
+
+
 def test_a_layer_of_your_own_that_draws_random_numbers_runs_on_the_whole_batch():
     class Dropout(cnn.Layer):
         def __init__(self, p, seed):
