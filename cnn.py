@@ -3521,7 +3521,7 @@ def draw_prediction(picture, image, probs, classes, sal, maps, title, path, widt
     for rank, k in enumerate(np.argsort(-probs)[:5]):
         y = 64 + rank * 26
         draw.text((bars_x, y + 9), str(classes[k])[:11], fill="black", font=small, anchor="lm")
-        draw.rectangle([bars_x + 68, y + 2, bars_x + 68 + int(70 * probs[k]), y + 16],
+        draw.rectangle([bars_x + 74, y + 2, bars_x + 74 + int(64 * probs[k]), y + 16],
                        fill=(40, 90, 200) if rank == 0 else (150, 170, 210))
         draw.text((bars_x + 142, y + 9), f"{probs[k]:.2f}", fill="black", font=small, anchor="lm")
     _heat_legend(draw, x0[2], 60 + panel + 8, 150, small)
