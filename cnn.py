@@ -1232,7 +1232,9 @@ class Call:
     call could take for its own."""
 
     def __init__(self, fn):
-        self.fn, self.error, self.claim, self.done = fn, None, threading.Lock(), threading.Event()
+        self.fn, self.error, self.ended = fn, None, False
+        self.claim, self.done = threading.Lock(), threading.Lock()  # done: released when it ended
+        self.done.acquire()
 
     def run(self):
         """Run fn, unless another thread already claimed it."""
@@ -1242,24 +1244,27 @@ class Call:
             except BaseException as error:  # handed to the caller by wait()
                 self.error = error
             finally:
-                self.fn = None               # no reference to the caller's arrays stays behind
-                self.done.set()
+                self.fn, self.ended = None, True  # no reference to the caller's arrays stays behind
+                self.done.release()
 
     def cancel(self):
         """Make sure fn never starts, if it has not."""
         if self.claim.acquire(blocking=False):
-            self.fn = None
-            self.done.set()
+            self.fn, self.ended = None, True
+            self.done.release()
 
     def wait(self):
         """Wait for the call to end, even through Ctrl-C (raised once it ended);
         returns the exception the call raised, or None."""
         interrupted = None
-        while not self.done.is_set():
+        while True:
             try:
-                self.done.wait()
-            except KeyboardInterrupt as interrupt:
+                self.done.acquire()
+                break
+            except KeyboardInterrupt as interrupt:  # wait on, unless it ended meanwhile
                 interrupted = interrupt
+                if self.ended:
+                    break
         if interrupted is not None:
             raise interrupted
         return self.error
