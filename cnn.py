@@ -1280,7 +1280,7 @@ class EngineState:
 
     def __init__(self):
         self.lock, self.work, self.helpers = threading.Lock(), queue.SimpleQueue(), 0
-        self.waiting = 0  # helpers waiting for work: they take what is queued next
+        self.running = 0  # helpers running a call: the others take what is queued next
         self.blas_holders, self.blas_before, self.blas_changed = set(), None, False
 
     def hand_out(self, calls):
@@ -1295,12 +1295,12 @@ class EngineState:
 
     def _serve(self):  # a helper thread
         while True:
-            with self.lock:
-                self.waiting += 1
             call = self.work.get()
             with self.lock:
-                self.waiting -= 1
+                self.running += 1
             call.run()
+            with self.lock:
+                self.running -= 1
 
     def hold_blas(self, thread):
         """Set OpenBLAS to one thread for `thread` (its ident), unless a holder
@@ -1436,7 +1436,7 @@ def in_parallel(fn, arrays, parts):
     try:
         run(0)
         for call in calls:
-            if not state.waiting:
+            if state.running >= state.helpers:  # every helper busy with other work: do it here
                 call.run()
     except BaseException:  # Ctrl-C or an error: what has not started never starts
         for call in calls:
