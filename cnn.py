@@ -959,8 +959,7 @@ class Sequential:
     def predict(self, x, batch_size=256):
         """Logits for x in evaluation mode (evaluation_copy), batch by batch."""
         model = self.evaluation_copy()
-        batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)] or [x]  # [x]: empty, an error
-        return np.concatenate([model.forward(batch) for batch in batches])
+        return np.concatenate([model.forward(batch) for batch in in_batches(x, batch_size)])
 
     def summary(self, input_shape, file=None):
         """Print each layer's output shape and parameter count for one input of
@@ -1002,6 +1001,12 @@ class Sequential:
         for name, target in expected.items():
             target[...] = stored["model/" + name]
         return {k: v for k, v in stored.items() if not k.startswith("model/")}
+
+
+def in_batches(x, batch_size):
+    """x in consecutive pieces of batch_size (what predict runs); an empty x stays one
+    empty piece, so that the first layer says what is wrong with it."""
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)] or [x]
 
 
 def numerical_gradient(f, x, eps=1e-6):
@@ -2108,9 +2113,8 @@ class FastSequential(Sequential):
         """Logits for x in evaluation mode (evaluation_copy), batch by batch, each
         batch split over the cores (split_model)."""
         model = self.evaluation_copy()
-        batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)] or [x]  # [x]: empty, an error
         return np.concatenate([np.concatenate(split_model(model, FastSequential.forward, batch))
-                               for batch in batches])
+                               for batch in in_batches(x, batch_size)])
 
 
 # What impl="fast" builds (Layer.to, Sequential.to): each Part I class and its version here.
@@ -3486,20 +3490,26 @@ def _overlay(image, sal, size):
     return _as_picture(mixed.transpose(2, 0, 1), size)
 
 
+def _map_tile(width, channels):
+    """The side of one feature-map tile when a row of `channels` tiles fills width."""
+    return max(24, min(56, (width - 20) // channels - 4))
+
+
 def _map_rows(canvas, draw, maps, top, width, font, most=16):
     """Each block's feature maps (at most `most` channels) as a labelled row of tiles."""
     for name, block in maps:
         shown = block[:most]
         draw.text((10, top), f"feature maps {name}: {len(shown)} of {len(block)} channels "
                              f"(each tile scaled to its own range)", fill="black", font=font)
-        grid = _grid(shown, tile=max(24, min(56, (width - 20) // len(shown) - 4)), columns=len(shown))
+        grid = _grid(shown, tile=_map_tile(width, len(shown)), columns=len(shown))
         canvas.paste(grid, (10, top + 18))
         top += 18 + grid.height + 10
     return top
 
 
 def _maps_height(maps, width, most=16):
-    return sum(18 + 4 + max(24, min(56, (width - 20) // len(b[:most]) - 4)) + 4 + 10 for _, b in maps)
+    """The height _map_rows takes: per block a label, a one-row grid and a gap."""
+    return sum(18 + _map_tile(width, len(block[:most])) + 8 + 10 for _, block in maps)
 
 
 def draw_prediction(picture, image, probs, classes, sal, maps, title, path, width=900):
