@@ -3952,7 +3952,6 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-
 # --- bench ------------------------------------------------------------------------------------
 
 def _best_time(fn, repeats=3, budget=2.0):
@@ -4011,7 +4010,8 @@ def _forward_backward_times(forward, backward, repeats):
 
 def bench_layers(name, model, x, repeats=5, loop_images=1):
     """Time every convolution and pooling layer of model on batch x, fast and loop,
-    and each convolution with the pooling it runs in the network (fused_pools)."""
+    each convolution with the pooling it runs in the network (fused_pools), and
+    all the convolutions together as training runs them (with their fused pools)."""
     model.train()
     pools = model.fused_pools()
     stop = model.first_trained()
@@ -4019,7 +4019,7 @@ def bench_layers(name, model, x, repeats=5, loop_images=1):
     for layer in model.layers:
         inputs.append(x)
         x = layer.forward(x)
-    rows = []
+    rows, conv_flops, conv_seconds = [], 0.0, 0.0
     for i, layer in enumerate(model.layers):
         xi = inputs[i]
         y = layer.forward(xi)
@@ -4038,6 +4038,8 @@ def bench_layers(name, model, x, repeats=5, loop_images=1):
         if isinstance(layer, Conv2D):
             f_fwd, f_bwd = _conv_flops(layer, y.shape, input_grad)
             rate = (f_fwd + f_bwd) / (t_fwd + t_bwd) / 1e9
+            conv_flops += f_fwd + f_bwd
+            conv_seconds += 0 if i in pools else t_fwd + t_bwd
         rows.append((row + (f"{rate:9.1f}" if rate else f"{'':9}"), rate, t_loop, t_fwd + t_bwd))
         if i - 1 in pools:
             conv, xc = model.layers[i - 1], inputs[i - 1]
@@ -4045,6 +4047,9 @@ def bench_layers(name, model, x, repeats=5, loop_images=1):
                                                    lambda: conv.backward(g, input_grad=i - 1 != stop), repeats)
             rows.append((f"  {name:<11}{'  the two above as one (as in training)':<44}"
                          f"{t_fwd * 1e3:8.1f}{t_bwd * 1e3:8.1f}", None, None, None))
+            conv_seconds += t_fwd + t_bwd
+    rate = conv_flops / conv_seconds / 1e9
+    rows.append((f"  {name:<11}{'all its convolutions, as in training':<44}{'':16}{rate:9.1f}", rate, None, None))
     return rows
 
 
@@ -4119,7 +4124,7 @@ def bench(argv):
             rows = bench_layers(f"{name} N={batch}", model, x, 1 if quick else 5)
         for row, rate, t_loop, t_fast in rows:
             percent = f"{100 * rate / peak:7.0f}%" if rate else f"{'':8}"
-            print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x" if t_loop else row)
+            print(f"{row}{percent}{t_loop * 1e3:10.0f}{t_loop / t_fast:8.0f}x" if t_loop else row + percent.rstrip())
     stolen = cpu_steal_since(steal_start)
     print("\nwhole networks: python train_mnist.py --net 2 --bench, train_cifar.py --net 4 --bench, ...")
     print(f"bench took {time.time() - started:.0f} s" +

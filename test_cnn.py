@@ -1660,6 +1660,8 @@ def test_bench_and_gradcheck_run_with_cnn_py_alone(tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("net2", "net3", "net4"):
         assert f"  {name} N=4 " in result.stdout
+        total = re.search(rf"  {name} N=4 +all its convolutions, as in training +([0-9.]+) +([0-9]+)%", result.stdout)
+        assert total and float(total[1]) > 0 and int(total[2]) > 0, result.stdout
     assert "Conv2D(24, 64, (3, 3)" in result.stdout and "bench took" in result.stdout
     result = subprocess.run([sys.executable, "cnn.py", "gradcheck"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)

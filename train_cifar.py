@@ -85,7 +85,7 @@ RECIPES = {
     # lr 0.75 with Nesterov momentum 0.85, a decay of lr * 1.33e-3 per step, label
     # smoothing 0.2, random shifts and alternating flips, Lookahead weight averaging,
     # and test-time augmentation over the mirror image and one-pixel shifts.
-    4: dict(epochs=18, val=0, batch_size=512, lr=0.75, momentum=0.85, nesterov=True, weight_decay=1.33e-3,
+    4: dict(epochs=14, val=0, batch_size=512, lr=0.75, momentum=0.85, nesterov=True, weight_decay=1.33e-3,
             schedule="warmup_linear", warmup=0.23, initial_fraction=0.2, final_fraction=0.07,
             label_smoothing=0.2, crop=2, pad_mode="reflect", flip="alternate", tta=2, lookahead=True),
 }
