@@ -2238,6 +2238,16 @@ class SharedArrays:
             self.path = None
 
 
+def shared_slots(model):
+    """The (layer, key) pairs whose arrays a TwinProcess shares, in the order both
+    processes name them (weight0, weight1, ..., grad0, ...): every parameter (the
+    twin gets all the weights at each step), then the trained ones (it hands back
+    their gradients)."""
+    weights = [(layer, key) for layer in model.layers for key in layer.params]
+    trained = [(layer, key) for _, layer, key in model.parameters()]
+    return weights, trained
+
+
 # The engine's settings, which the twin process takes over so that it computes alike.
 ENGINE_SETTINGS = ("CORES", "SPLIT_MIN", "CHUNK_BYTES", "SMALL_MATMUL", "FREED_MEMORY_KEPT")
 
@@ -2272,8 +2282,7 @@ class TwinProcess:
 
     def __init__(self, model, loss_fn):
         self.model, self.loss_fn, self.process, self.exit_code = model, loss_fn, None, None
-        self.weights = [(layer, key) for layer in model.layers for key in layer.params]
-        self.trained = [(layer, key) for _, layer, key in model.parameters()]
+        self.weights, self.trained = shared_slots(model)
         self.copy = None  # the pickled model and loss, once made; False: they cannot be pickled
 
     def fits(self, x):
@@ -2379,8 +2388,7 @@ def serve_twin():
     shared = SharedArrays(specs, path).arrays
     blas_threads(1)  # for good: this process only ever runs its slice on its core
     _local.cores_taken = _local.blas_held = True
-    weights = [(layer, key) for layer in model.layers for key in layer.params]
-    trained = [(layer, key) for _, layer, key in model.parameters()]
+    weights, trained = shared_slots(model)
     for i, (layer, key) in enumerate(weights):
         layer.params[key] = shared[f"weight{i}"]
     _send(stdout, b"")
